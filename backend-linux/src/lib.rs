@@ -1,0 +1,1 @@
+//! Linux backend (being written).

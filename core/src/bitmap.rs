@@ -1,0 +1,1 @@
+//! bitmap (being written)
