@@ -1,1 +1,53 @@
-//! Linux backend (being written).
+//! # mapped-ram-linux
+//!
+//! Save and restore a virtual machine's guest RAM at disk speed, in QEMU's *mapped-ram* file
+//! layout, on Linux.
+//!
+//! * [`save`] writes guest memory regions to a snapshot file with N channel threads, each with
+//!   its own descriptor (optionally `O_DIRECT`), issuing large `pwritev(2)` calls straight from
+//!   guest memory. The file is a valid QEMU 10.0 migration stream that `qemu-system-*
+//!   -incoming` loads with the `mapped-ram` capability.
+//! * [`restore`] reads a snapshot — ours or one QEMU wrote — back into guest memory with
+//!   `preadv(2)`, after validating every header and bitmap.
+//! * [`inspect()`] and [`verify()`] report and check a snapshot's structure and contents.
+//!
+//! The format logic (offsets, stream framing, bitmaps, scheduling) lives in the `no_std`
+//! crate [`mapped_ram_core`]; this crate only does I/O. Its `unsafe` code is confined to
+//! [`sys`] (file mappings and aligned buffers).
+//!
+//! ```no_run
+//! use mapped_ram_linux::{restore, save, RestoreOptions, RestoreRegion, SaveOptions, SaveRegion};
+//!
+//! let ram = vec![7u8; 16 << 20];
+//! let path = std::path::Path::new("/var/tmp/guest.mr");
+//! save(path, &[SaveRegion { name: "pc.ram", memory: &ram, page_size: 4096 }],
+//!      &SaveOptions::default(), None)?;
+//! let mut back = vec![0u8; 16 << 20];
+//! restore(path, &mut [RestoreRegion { name: "pc.ram", memory: &mut back, page_size: 4096 }],
+//!         &RestoreOptions::default(), None)?;
+//! assert_eq!(ram, back);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+#![deny(missing_docs)]
+#![warn(clippy::undocumented_unsafe_blocks)]
+
+#[cfg(feature = "cli")]
+pub mod cli;
+pub mod error;
+pub mod file;
+pub mod inspect;
+pub mod progress;
+pub mod restore;
+pub mod save;
+pub mod sys;
+pub mod verify;
+pub mod zero;
+
+pub use error::{FormatError, GuestMemoryState, IoFailure, Op, RestoreError, RestoreErrorKind, SaveError};
+pub use file::DirectIo;
+pub use inspect::{inspect, read_device_state, BlockInfo, SnapshotInfo};
+pub use progress::{Cancel, Progress};
+pub use restore::{restore, RestoreOptions, RestoreRegion, RestoreReport};
+pub use save::{save, SaveOptions, SaveRegion, SaveReport, ZeroPages};
+pub use sys::MappedFile;
+pub use verify::{verify, Mismatch, VerifyReport};

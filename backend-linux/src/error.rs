@@ -1,0 +1,363 @@
+//! Error types: one small enum per operation, each naming what failed and where.
+//!
+//! Every I/O failure carries the operation, the path and — where it has one — the absolute
+//! file offset, so a message like `write of page data to /snap/vm.mr at offset 0x2300000: No
+//! space left on device` tells an operator exactly what happened.
+
+use std::fmt;
+use std::io;
+use std::path::PathBuf;
+
+/// The system operation that failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// `open(2)` of a snapshot, RAM or temporary file.
+    Open,
+    /// `openat(2)` with `O_DIRECT`.
+    OpenDirect,
+    /// `pwritev(2)` of page data on a channel.
+    WritePages,
+    /// `pwrite(2)` of stream records, headers or the device state on the main descriptor.
+    WriteStream,
+    /// `pwrite(2)` of a page bitmap on the main descriptor.
+    WriteBitmap,
+    /// `preadv(2)` of page data on a channel.
+    ReadPages,
+    /// `pread(2)` of the stream, a header or a bitmap.
+    ReadStream,
+    /// `fdatasync(2)` / `fsync(2)` of the snapshot.
+    Sync,
+    /// `fsync(2)` of the directory after the rename.
+    SyncDir,
+    /// `renameat(2)` of the temporary file over the target.
+    Rename,
+    /// `ftruncate(2)` / `fallocate(2)`.
+    Truncate,
+    /// `fstat(2)` / `fstatfs(2)`.
+    Stat,
+    /// `mmap(2)` of a RAM file.
+    Map,
+    /// Reading a device-state file.
+    ReadDeviceState,
+    /// Removing a stale temporary file.
+    Remove,
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Op::Open => "open",
+            Op::OpenDirect => "open with O_DIRECT",
+            Op::WritePages => "write of page data",
+            Op::WriteStream => "write of stream records",
+            Op::WriteBitmap => "write of a page bitmap",
+            Op::ReadPages => "read of page data",
+            Op::ReadStream => "read of stream records",
+            Op::Sync => "fdatasync",
+            Op::SyncDir => "fsync of the directory",
+            Op::Rename => "rename over the target",
+            Op::Truncate => "truncate",
+            Op::Stat => "stat",
+            Op::Map => "mmap",
+            Op::ReadDeviceState => "read of the device state",
+            Op::Remove => "removal",
+        })
+    }
+}
+
+/// A failed system call, with what it was doing and where.
+#[derive(Debug)]
+pub struct IoFailure {
+    /// What was being done.
+    pub op: Op,
+    /// The file it was done to.
+    pub path: PathBuf,
+    /// Absolute file offset, where the operation has one.
+    pub offset: Option<u64>,
+    /// The error the kernel returned.
+    pub source: io::Error,
+}
+
+impl IoFailure {
+    /// Builds a failure record.
+    pub fn new(op: Op, path: impl Into<PathBuf>, offset: Option<u64>, source: io::Error) -> Self {
+        Self {
+            op,
+            path: path.into(),
+            offset,
+            source,
+        }
+    }
+
+    /// The `errno` of the failure, if it came from the kernel.
+    pub fn errno(&self) -> Option<i32> {
+        self.source.raw_os_error()
+    }
+}
+
+impl fmt::Display for IoFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} of {}", self.op, self.path.display())?;
+        if let Some(offset) = self.offset {
+            write!(f, " at offset {offset:#x}")?;
+        }
+        write!(f, ": {}", self.source)
+    }
+}
+
+impl std::error::Error for IoFailure {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
+    }
+}
+
+/// A guest RAM region that cannot be used as given.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RegionError {
+    /// The block name is empty or longer than 255 bytes.
+    #[error("block name {name:?} must be 1 to 255 bytes long")]
+    BadName {
+        /// The name.
+        name: String,
+    },
+    /// Two regions have the same name.
+    #[error("block {name:?} is given twice")]
+    Duplicate {
+        /// The name.
+        name: String,
+    },
+    /// The page size is not a power of two of at least 4096.
+    #[error("block {name:?}: page size {page_size} is not a power of two >= 4096")]
+    BadPageSize {
+        /// The block.
+        name: String,
+        /// The page size.
+        page_size: u64,
+    },
+    /// The region length is not a multiple of the page size.
+    #[error("block {name:?}: length {length} is not a multiple of the page size {page_size}")]
+    NotPageMultiple {
+        /// The block.
+        name: String,
+        /// The length.
+        length: u64,
+        /// The page size.
+        page_size: u64,
+    },
+    /// Regions of different page sizes in one snapshot.
+    #[error("block {name:?}: page size {page_size} differs from the first block's {expected}")]
+    MixedPageSizes {
+        /// The block.
+        name: String,
+        /// Its page size.
+        page_size: u64,
+        /// The page size of the first block.
+        expected: u64,
+    },
+}
+
+/// Why a save failed. The previous snapshot at the target path is always left as it was, and
+/// the caller's guest memory is only ever read.
+#[derive(Debug, thiserror::Error)]
+pub enum SaveError {
+    /// An operating-system call failed.
+    #[error("{0}")]
+    Io(#[from] IoFailure),
+    /// `--direct-io on` and the file system refused `O_DIRECT`.
+    #[error("direct-io is on but {filesystem} refused O_DIRECT for {path}: {source} (use --direct-io auto or off)")]
+    DirectIoRefused {
+        /// The temporary snapshot file.
+        path: PathBuf,
+        /// The file system type, as far as it could be named.
+        filesystem: String,
+        /// The kernel's answer.
+        source: std::io::Error,
+    },
+    /// A RAM region cannot be saved as given.
+    #[error("{0}")]
+    Region(#[from] RegionError),
+    /// The options are invalid (channel count, machine name, ...).
+    #[error("invalid save options: {0}")]
+    Options(String),
+    /// The layout of the file would not fit in 64-bit offsets.
+    #[error("layout: {0}")]
+    Layout(#[from] mapped_ram_core::layout::LayoutError),
+    /// The caller cancelled the save.
+    #[error("save cancelled")]
+    Cancelled,
+}
+
+/// What a failed restore did to guest memory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GuestMemoryState {
+    /// No byte of guest memory was written.
+    Untouched,
+    /// These blocks may have been partly written; the others were not touched.
+    Modified {
+        /// Names of the blocks whose memory was written to.
+        blocks: Vec<String>,
+    },
+}
+
+impl fmt::Display for GuestMemoryState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            GuestMemoryState::Untouched => f.write_str("guest memory untouched"),
+            GuestMemoryState::Modified { blocks } => {
+                write!(f, "guest memory partly written in block(s) {}", blocks.join(", "))
+            }
+        }
+    }
+}
+
+/// Why a snapshot file cannot be read (restore, inspect, verify).
+#[derive(Debug, thiserror::Error)]
+pub enum FormatError {
+    /// An operating-system call failed.
+    #[error("{0}")]
+    Io(#[from] IoFailure),
+    /// The stream is malformed; the message names the file offset.
+    #[error("{path}: {message}")]
+    Stream {
+        /// The snapshot.
+        path: PathBuf,
+        /// The decoder's description, with the file offset.
+        message: String,
+        /// The absolute file offset of what was rejected.
+        offset: u64,
+    },
+    /// A block's page region or bitmap lies past the end of the file.
+    #[error("{path}: block {block:?}: {what} ends at {end:#x}, past the end of the file ({file_size:#x} bytes); the file is truncated")]
+    Truncated {
+        /// The snapshot.
+        path: PathBuf,
+        /// The block.
+        block: String,
+        /// What lies past the end.
+        what: &'static str,
+        /// Where it ends.
+        end: u64,
+        /// The file size.
+        file_size: u64,
+    },
+    /// Two blocks' regions overlap.
+    #[error("{path}: block {block:?} at {offset:#x} overlaps block {other:?}")]
+    Overlap {
+        /// The snapshot.
+        path: PathBuf,
+        /// The later block.
+        block: String,
+        /// Its record offset.
+        offset: u64,
+        /// The block it overlaps.
+        other: String,
+    },
+    /// The same block name appears twice.
+    #[error("{path}: block {block:?} appears twice (second at {offset:#x})")]
+    DuplicateBlock {
+        /// The snapshot.
+        path: PathBuf,
+        /// The block.
+        block: String,
+        /// Offset of the second record.
+        offset: u64,
+    },
+    /// Bits set past the block's last page.
+    #[error("{path}: block {block:?}: bitmap at {offset:#x} marks pages past the end of the block")]
+    StrayBits {
+        /// The snapshot.
+        path: PathBuf,
+        /// The block.
+        block: String,
+        /// The bitmap offset.
+        offset: u64,
+    },
+}
+
+/// Why a restore failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreErrorKind {
+    /// The snapshot is unreadable or malformed.
+    #[error("{0}")]
+    Format(#[from] FormatError),
+    /// An operating-system call failed.
+    #[error("{0}")]
+    Io(#[from] IoFailure),
+    /// A region names a block the snapshot does not hold.
+    #[error("block {name:?} is not in the snapshot (it holds: {available})")]
+    UnknownBlock {
+        /// The region's name.
+        name: String,
+        /// The snapshot's block names.
+        available: String,
+    },
+    /// A region's size differs from the block's length in the snapshot.
+    #[error("block {name:?}: the snapshot holds {file_length} bytes but the destination has {region_length}")]
+    SizeMismatch {
+        /// The block.
+        name: String,
+        /// Length in the snapshot.
+        file_length: u64,
+        /// Length of the destination region.
+        region_length: u64,
+    },
+    /// A region's page size differs from the snapshot's.
+    #[error("block {name:?}: the snapshot's page size is {file} but the destination's is {region}")]
+    PageSizeMismatch {
+        /// The block.
+        name: String,
+        /// Page size in the file.
+        file: u64,
+        /// Page size of the region.
+        region: u64,
+    },
+    /// A region is invalid.
+    #[error("{0}")]
+    Region(#[from] RegionError),
+    /// `--direct-io on` and the file system refused `O_DIRECT`.
+    #[error("direct-io is on but {filesystem} refused O_DIRECT for {path}: {source} (use --direct-io auto or off)")]
+    DirectIoRefused {
+        /// The snapshot.
+        path: PathBuf,
+        /// The file system type.
+        filesystem: String,
+        /// The kernel's answer.
+        source: std::io::Error,
+    },
+    /// The options are invalid.
+    #[error("invalid restore options: {0}")]
+    Options(String),
+    /// The caller cancelled the restore.
+    #[error("restore cancelled")]
+    Cancelled,
+}
+
+/// A failed restore: what went wrong and exactly what it did to guest memory.
+#[derive(Debug)]
+pub struct RestoreError {
+    /// What went wrong.
+    pub kind: RestoreErrorKind,
+    /// Which guest memory was written before the failure.
+    pub memory: GuestMemoryState,
+}
+
+impl fmt::Display for RestoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({})", self.kind, self.memory)
+    }
+}
+
+impl std::error::Error for RestoreError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.kind)
+    }
+}
+
+impl<E: Into<RestoreErrorKind>> From<E> for RestoreError {
+    fn from(e: E) -> Self {
+        RestoreError {
+            kind: e.into(),
+            memory: GuestMemoryState::Untouched,
+        }
+    }
+}

@@ -1,0 +1,266 @@
+//! File-level I/O over rustix: opening with or without `O_DIRECT`, positional reads and
+//! writes that survive short transfers and `EINTR`, and naming the file system.
+
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::Path;
+
+use rustix::fs::{self as rfs, Mode, OFlags};
+use rustix::io::{Errno, IoSlice, IoSliceMut};
+
+use crate::error::{IoFailure, Op};
+use crate::sys::{AlignedBuf, DIRECT_IO_ALIGN};
+
+/// Whether page data bypasses the page cache (`O_DIRECT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DirectIo {
+    /// Buffered I/O through the page cache.
+    Off,
+    /// `O_DIRECT`; fail with [`crate::SaveError::DirectIoRefused`] if the file system refuses it.
+    On,
+    /// Probe `O_DIRECT`; fall back to buffered I/O (and say so in the report) if refused.
+    #[default]
+    Auto,
+}
+
+impl std::str::FromStr for DirectIo {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "off" => Ok(DirectIo::Off),
+            "on" => Ok(DirectIo::On),
+            "auto" => Ok(DirectIo::Auto),
+            _ => Err(format!("direct-io must be auto, on or off, not {s:?}")),
+        }
+    }
+}
+
+/// Converts a rustix error into `std::io::Error`.
+pub(crate) fn io_err(e: Errno) -> io::Error {
+    io::Error::from_raw_os_error(e.raw_os_error())
+}
+
+/// Opens `path` with `flags` (`open(2)`), close-on-exec.
+pub(crate) fn open(path: &Path, flags: OFlags, mode: u32) -> io::Result<OwnedFd> {
+    rfs::open(path, flags | OFlags::CLOEXEC, Mode::from_raw_mode(mode)).map_err(io_err)
+}
+
+/// `pwrite(2)` all of `buf` at `offset`, retrying on `EINTR` and short writes.
+pub(crate) fn write_all_at(fd: BorrowedFd<'_>, mut buf: &[u8], mut offset: u64) -> io::Result<()> {
+    while !buf.is_empty() {
+        match rustix::io::pwrite(fd, buf, offset) {
+            Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero)),
+            Ok(n) => {
+                buf = buf.get(n..).unwrap_or(&[]);
+                offset = offset.saturating_add(n as u64);
+            }
+            Err(Errno::INTR) => continue,
+            Err(e) => return Err(io_err(e)),
+        }
+    }
+    Ok(())
+}
+
+/// `pwritev(2)` all of `buf` at `offset` as one vector, retrying on `EINTR` and short writes.
+/// Page data goes through here straight from guest memory.
+pub(crate) fn pwritev_all(fd: BorrowedFd<'_>, mut buf: &[u8], mut offset: u64) -> io::Result<()> {
+    while !buf.is_empty() {
+        match rustix::io::pwritev(fd, &[IoSlice::new(buf)], offset) {
+            Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero)),
+            Ok(n) => {
+                buf = buf.get(n..).unwrap_or(&[]);
+                offset = offset.saturating_add(n as u64);
+            }
+            Err(Errno::INTR) => continue,
+            Err(e) => return Err(io_err(e)),
+        }
+    }
+    Ok(())
+}
+
+/// `preadv(2)` exactly `buf.len()` bytes at `offset`; end of file first is `UnexpectedEof`.
+pub(crate) fn preadv_exact(fd: BorrowedFd<'_>, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
+    while !buf.is_empty() {
+        match rustix::io::preadv(fd, &mut [IoSliceMut::new(buf)], offset) {
+            Ok(0) => return Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
+            Ok(n) => {
+                buf = buf.get_mut(n..).unwrap_or(&mut []);
+                offset = offset.saturating_add(n as u64);
+            }
+            Err(Errno::INTR) => continue,
+            Err(e) => return Err(io_err(e)),
+        }
+    }
+    Ok(())
+}
+
+/// `pread(2)` up to `buf.len()` bytes at `offset`, retrying `EINTR`; returns bytes read.
+pub(crate) fn pread_some(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    loop {
+        match rustix::io::pread(fd, &mut *buf, offset) {
+            Ok(n) => return Ok(n),
+            Err(Errno::INTR) => continue,
+            Err(e) => return Err(io_err(e)),
+        }
+    }
+}
+
+/// Reads exactly `buf.len()` bytes at `offset` with plain `pread(2)`.
+pub(crate) fn read_exact_at(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    let mut done = 0usize;
+    while done < buf.len() {
+        let rest = buf.get_mut(done..).unwrap_or(&mut []);
+        let n = pread_some(fd, rest, offset.saturating_add(done as u64))?;
+        if n == 0 {
+            return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
+        }
+        done = done.saturating_add(n);
+    }
+    Ok(())
+}
+
+/// The file system's name, from `fstatfs(2)`'s magic number, for error messages.
+pub fn filesystem_name(fd: BorrowedFd<'_>) -> String {
+    let Ok(st) = rfs::fstatfs(fd) else {
+        return "the file system".into();
+    };
+    #[allow(clippy::unnecessary_cast)]
+    let magic = st.f_type as u64;
+    let name = match magic {
+        0xEF53 => "ext4",
+        0x0102_1994 => "tmpfs",
+        0x5846_5342 => "xfs",
+        0x9123_683E => "btrfs",
+        0x6969 => "nfs",
+        0x794C_7630 => "overlayfs",
+        0x2FC1_2FC1 => "zfs",
+        0x6573_5546 => "fuse",
+        0x0102_1997 => "9p",
+        0xF15F => "ecryptfs",
+        _ => return format!("the file system (magic {magic:#x})"),
+    };
+    name.to_string()
+}
+
+/// A channel descriptor, opened with `O_DIRECT` exactly when it was asked for.
+#[derive(Debug)]
+pub(crate) struct ChannelFd {
+    pub fd: OwnedFd,
+}
+
+/// Why opening channels with `O_DIRECT` did not work.
+#[derive(Debug)]
+pub(crate) struct DirectRefused {
+    pub filesystem: String,
+    pub source: io::Error,
+}
+
+/// Opens one channel descriptor for `path` (by path, never `dup`), with `O_DIRECT` when
+/// `direct` is true. A probe transfer of one aligned page at `probe_offset` (a page slot of the
+/// file, harmless to read or to overwrite with zeros before its data is written) proves the
+/// file system really accepts `O_DIRECT` I/O, not only the open flag.
+pub(crate) fn open_channel(
+    path: &Path,
+    write: bool,
+    direct: bool,
+    probe_offset: Option<u64>,
+) -> Result<ChannelFd, Result<DirectRefused, IoFailure>> {
+    let base = if write { OFlags::WRONLY } else { OFlags::RDONLY };
+    if !direct {
+        let fd = open(path, base, 0).map_err(|e| Err(IoFailure::new(Op::Open, path, None, e)))?;
+        return Ok(ChannelFd { fd });
+    }
+    let fs_name = || {
+        open(path, OFlags::RDONLY, 0)
+            .map(|fd| filesystem_name(fd.as_fd()))
+            .unwrap_or_else(|_| "the file system".into())
+    };
+    let fd = match open(path, base | OFlags::DIRECT, 0) {
+        Ok(fd) => fd,
+        Err(e) if e.raw_os_error() == Some(libc_einval()) => {
+            return Err(Ok(DirectRefused {
+                filesystem: fs_name(),
+                source: e,
+            }))
+        }
+        Err(e) => return Err(Err(IoFailure::new(Op::OpenDirect, path, None, e))),
+    };
+    if let Some(offset) = probe_offset {
+        let mut buf = AlignedBuf::new(DIRECT_IO_ALIGN);
+        let probe = if write {
+            write_all_at(fd.as_fd(), buf.as_slice(), offset)
+        } else {
+            read_exact_at(fd.as_fd(), buf.as_mut_slice(), offset).or_else(|e| {
+                // A hole or the end of the file still proves that O_DIRECT reads work.
+                if e.kind() == io::ErrorKind::UnexpectedEof {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            })
+        };
+        match probe {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc_einval()) => {
+                return Err(Ok(DirectRefused {
+                    filesystem: fs_name(),
+                    source: e,
+                }))
+            }
+            Err(e) => {
+                let op = if write { Op::WritePages } else { Op::ReadPages };
+                return Err(Err(IoFailure::new(op, path, Some(offset), e)));
+            }
+        }
+    }
+    Ok(ChannelFd { fd })
+}
+
+fn libc_einval() -> i32 {
+    Errno::INVAL.raw_os_error()
+}
+
+/// A [`mapped_ram_core::stream::ByteSource`] over a file descriptor, with `pread(2)`.
+pub(crate) struct FdSource<'a> {
+    pub fd: BorrowedFd<'a>,
+}
+
+impl mapped_ram_core::stream::ByteSource for FdSource<'_> {
+    type Error = io::Error;
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<usize, io::Error> {
+        pread_some(self.fd, buf, offset)
+    }
+}
+
+/// A [`mapped_ram_core::stream::ByteSink`] collecting bytes in memory.
+#[derive(Default)]
+pub(crate) struct VecSink(pub Vec<u8>);
+
+impl mapped_ram_core::stream::ByteSink for VecSink {
+    type Error = std::convert::Infallible;
+    fn write_all(&mut self, bytes: &[u8]) -> Result<(), Self::Error> {
+        self.0.extend_from_slice(bytes);
+        Ok(())
+    }
+}
+
+/// Descriptor-level helpers used by the engines.
+pub(crate) fn fdatasync(fd: BorrowedFd<'_>) -> io::Result<()> {
+    rfs::fdatasync(fd).map_err(io_err)
+}
+
+/// `fsync(2)` of a directory, making a rename in it durable.
+pub(crate) fn fsync_dir(dir: &Path) -> io::Result<()> {
+    let fd = open(dir, OFlags::RDONLY | OFlags::DIRECTORY, 0)?;
+    rfs::fsync(fd.as_fd()).map_err(io_err)
+}
+
+/// `ftruncate(2)`.
+pub(crate) fn set_len(fd: BorrowedFd<'_>, len: u64) -> io::Result<()> {
+    rfs::ftruncate(fd, len).map_err(io_err)
+}
+
+/// File size from `fstat(2)`.
+pub(crate) fn file_size(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    rfs::fstat(fd).map(|st| st.st_size as u64).map_err(io_err)
+}

@@ -1,0 +1,722 @@
+//! Saving guest RAM to a mapped-ram file.
+//!
+//! The file is written to a temporary file in the target's directory and renamed over the
+//! target only once it is complete and synced, so a failed, cancelled or killed save never
+//! costs the previous snapshot.
+//!
+//! Descriptors (see the format notes in the crate docs):
+//! * the *main* descriptor, buffered, carries the stream: preamble, RAM section start, block
+//!   records and headers, the bitmaps (written last, as QEMU does) and the tail;
+//! * one descriptor per channel, opened separately by path with `O_DIRECT` when direct I/O is
+//!   on. Channel threads claim 1 MiB chunks from the core's [`WorkQueue`], detect zero pages
+//!   themselves and `pwritev` large extents straight from guest memory.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use mapped_ram_core::bitmap::{self, AtomicBitmap, Bitmap};
+use mapped_ram_core::caps::Capabilities;
+use mapped_ram_core::layout::{BlockLayout, Planner};
+use mapped_ram_core::schedule::{self, Chunk, WorkQueue, WritePolicy};
+use mapped_ram_core::stream::{self, Config};
+use rustix::fs::OFlags;
+
+use crate::error::{IoFailure, Op, RegionError, SaveError};
+use crate::file::{self, DirectIo, VecSink};
+use crate::progress::{Cancel, Progress, ProgressFn};
+use crate::sys::{is_aligned, AlignedBuf};
+use crate::zero;
+
+/// The RAM section's id in files we write (QEMU uses 1; 0 is rejected by its loader).
+pub const RAM_SECTION_ID: u32 = 1;
+
+/// One guest RAM block to save.
+#[derive(Debug, Clone, Copy)]
+pub struct SaveRegion<'a> {
+    /// The block's id string (QEMU's `idstr`, e.g. `pc.ram`, or the memory backend's id).
+    pub name: &'a str,
+    /// The block's memory.
+    pub memory: &'a [u8],
+    /// The target page size (4096 on x86-64).
+    pub page_size: u64,
+}
+
+/// What to do with pages that are entirely zero.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ZeroPages {
+    /// Detect them in the channel threads and leave their bitmap bit clear (QEMU's default).
+    /// Short runs of zero pages between data pages are still written, as zeros with a clear
+    /// bit, when that keeps writes large (see [`WritePolicy`]).
+    #[default]
+    Detect,
+    /// Write every page and set every bit (QEMU's `zero-page-detection=none`).
+    Write,
+}
+
+impl std::str::FromStr for ZeroPages {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "detect" => Ok(ZeroPages::Detect),
+            "write" => Ok(ZeroPages::Write),
+            _ => Err(format!("zero-pages must be detect or write, not {s:?}")),
+        }
+    }
+}
+
+/// How to save.
+#[derive(Debug, Clone)]
+pub struct SaveOptions {
+    /// Channel threads, each with its own descriptor (1..=255).
+    pub channels: usize,
+    /// `O_DIRECT` for page data.
+    pub direct_io: DirectIo,
+    /// Zero-page handling.
+    pub zero_pages: ZeroPages,
+    /// Machine type written in the configuration section; QEMU refuses to load a file whose
+    /// machine differs from the destination's.
+    pub machine: String,
+    /// Bytes written after the RAM END section instead of a bare `QEMU_VM_EOF`: the device
+    /// state of a QEMU file of the same guest shape (see [`crate::inspect::read_device_state`]).
+    pub device_state: Option<Vec<u8>>,
+    /// Bytes before the stream (`file:PATH,offset=N`); kept from the existing target, zero in
+    /// a new file.
+    pub offset: u64,
+    /// `fdatasync` the file and `fsync` its directory (QEMU never syncs; we do by default).
+    pub fsync: bool,
+    /// Bytes of guest RAM per unit of channel work, and the largest single write.
+    pub chunk_bytes: u64,
+    /// Longest run of zero pages written inside an extent instead of splitting the write.
+    pub max_gap_pages: u64,
+    /// Cancellation handle.
+    pub cancel: Option<Cancel>,
+}
+
+impl Default for SaveOptions {
+    fn default() -> Self {
+        let policy = WritePolicy::default();
+        Self {
+            channels: default_channels(),
+            direct_io: DirectIo::Auto,
+            zero_pages: ZeroPages::Detect,
+            machine: "none".into(),
+            device_state: None,
+            offset: 0,
+            fsync: true,
+            chunk_bytes: schedule::DEFAULT_MAX_IO,
+            max_gap_pages: policy.max_gap_pages,
+            cancel: None,
+        }
+    }
+}
+
+/// The default channel count: the number of CPUs, between 2 and 8.
+pub fn default_channels() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        .clamp(2, 8)
+}
+
+/// What a save did.
+#[derive(Debug, Clone)]
+pub struct SaveReport {
+    /// The snapshot written.
+    pub path: PathBuf,
+    /// Bytes of guest RAM saved.
+    pub ram_bytes: u64,
+    /// Bytes of page data written (data pages plus zero pages inside extents).
+    pub data_bytes: u64,
+    /// Pages in all blocks.
+    pub pages: u64,
+    /// Pages stored (bitmap bit set).
+    pub pages_stored: u64,
+    /// Zero pages (bit clear).
+    pub zero_pages: u64,
+    /// Page-data writes issued.
+    pub writes: u64,
+    /// Wall-clock seconds, sync included.
+    pub seconds: f64,
+    /// Whether page data went through `O_DIRECT`.
+    pub direct_io: bool,
+    /// Why `auto` fell back to buffered I/O, if it did.
+    pub direct_io_fallback: Option<String>,
+    /// Channels used.
+    pub channels: usize,
+    /// Size of the snapshot file.
+    pub file_size: u64,
+    /// Stale temporary files of earlier, interrupted saves that were removed.
+    pub stale_temporaries_removed: Vec<PathBuf>,
+}
+
+impl SaveReport {
+    /// Guest RAM saved per second, in GiB/s.
+    pub fn gib_per_second(&self) -> f64 {
+        gib_per_s(self.ram_bytes, self.seconds)
+    }
+}
+
+pub(crate) fn gib_per_s(bytes: u64, seconds: f64) -> f64 {
+    if seconds > 0.0 {
+        bytes as f64 / seconds / f64::from(1u32 << 30)
+    } else {
+        0.0
+    }
+}
+
+/// Checks region names, page sizes and lengths; returns the common page size.
+pub(crate) fn check_regions<'n>(
+    names_lengths: impl Iterator<Item = (&'n str, u64, u64)>,
+) -> Result<u64, RegionError> {
+    let mut seen = std::collections::HashSet::new();
+    let mut common = None;
+    for (name, length, page_size) in names_lengths {
+        if name.is_empty() || name.len() > 255 {
+            return Err(RegionError::BadName { name: name.into() });
+        }
+        if !seen.insert(name) {
+            return Err(RegionError::Duplicate { name: name.into() });
+        }
+        if !page_size.is_power_of_two() || page_size < 4096 {
+            return Err(RegionError::BadPageSize {
+                name: name.into(),
+                page_size,
+            });
+        }
+        if length % page_size != 0 {
+            return Err(RegionError::NotPageMultiple {
+                name: name.into(),
+                length,
+                page_size,
+            });
+        }
+        match common {
+            None => common = Some(page_size),
+            Some(expected) if expected != page_size => {
+                return Err(RegionError::MixedPageSizes {
+                    name: name.into(),
+                    page_size,
+                    expected,
+                })
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(common.unwrap_or(4096))
+}
+
+/// The file's structure, computed before anything is written.
+pub(crate) struct Plan {
+    pub head: Vec<u8>,
+    pub layouts: Vec<BlockLayout>,
+    pub records: Vec<Vec<u8>>,
+    pub device_stream_start: u64,
+    pub tail: Vec<u8>,
+}
+
+impl Plan {
+    pub fn file_size(&self) -> u64 {
+        self.device_stream_start
+            .saturating_add(self.tail.len() as u64)
+    }
+}
+
+/// Lays out the file: stream head at `offset`, block records, tail.
+pub(crate) fn plan(
+    blocks: &[(&str, u64)],
+    page_size: u64,
+    machine: &str,
+    offset: u64,
+    device_state: Option<&[u8]>,
+) -> Result<Plan, SaveError> {
+    let config = Config::new(machine, Capabilities::MAPPED_RAM)
+        .map_err(|e| SaveError::Options(format!("machine name {machine:?}: {e}")))?;
+    let mut planner = Planner::new(0, page_size, false)?;
+    for (name, length) in blocks {
+        planner.push(name.len(), *length)?;
+    }
+    let total = planner.total_ram();
+    let mut head = VecSink::default();
+    let infallible = |r: Result<(), std::convert::Infallible>| match r {
+        Ok(()) => (),
+        Err(never) => match never {},
+    };
+    infallible(stream::encode_preamble(&config, &mut head));
+    infallible(stream::encode_ram_start(RAM_SECTION_ID, total, &mut head));
+    let first_record = offset
+        .checked_add(head.0.len() as u64)
+        .ok_or(mapped_ram_core::layout::LayoutError::Overflow {
+            what: "first block record",
+        })?;
+    let mut planner = Planner::new(first_record, page_size, false)?;
+    let mut layouts = Vec::with_capacity(blocks.len());
+    let mut records = Vec::with_capacity(blocks.len());
+    for (name, length) in blocks {
+        let layout = planner.push(name.len(), *length)?;
+        let mut rec = VecSink::default();
+        infallible(stream::encode_block_record(
+            name,
+            *length,
+            None,
+            &layout.header(),
+            &mut rec,
+        ));
+        records.push(rec.0);
+        layouts.push(layout);
+    }
+    let device_stream_start = planner.cursor();
+    let mut tail = VecSink::default();
+    infallible(stream::encode_eos_footer(RAM_SECTION_ID, &mut tail));
+    infallible(stream::encode_ram_end(RAM_SECTION_ID, &mut tail));
+    match device_state {
+        Some(bytes) => tail.0.extend_from_slice(bytes),
+        None => infallible(stream::encode_eof(&mut tail)),
+    }
+    Ok(Plan {
+        head: head.0,
+        layouts,
+        records,
+        device_stream_start,
+        tail: tail.0,
+    })
+}
+
+/// Removes the temporary file unless the save committed it.
+struct TempFile {
+    path: PathBuf,
+    committed: bool,
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+const TEMP_MARK: &str = ".mapped-ram-tmp.";
+
+fn temp_name(target: &Path) -> (PathBuf, String) {
+    let dir = parent_dir(target);
+    let base = target
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "snapshot".into());
+    let prefix = format!(".{base}{TEMP_MARK}");
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    (
+        dir.join(format!("{prefix}{}.{nanos:08x}", std::process::id())),
+        prefix,
+    )
+}
+
+pub(crate) fn parent_dir(target: &Path) -> PathBuf {
+    match target.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// Removes temporary files left by saves of the same target whose process is gone.
+fn remove_stale_temporaries(target: &Path, prefix: &str) -> Vec<PathBuf> {
+    let mut removed = Vec::new();
+    let Ok(entries) = std::fs::read_dir(parent_dir(target)) else {
+        return removed;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(prefix) else {
+            continue;
+        };
+        let pid: Option<i32> = rest.split('.').next().and_then(|p| p.parse().ok());
+        let alive = pid.is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
+        if !alive && std::fs::remove_file(entry.path()).is_ok() {
+            removed.push(entry.path());
+        }
+    }
+    removed
+}
+
+/// Saves `regions` to `path` in QEMU's mapped-ram format.
+///
+/// ```no_run
+/// use mapped_ram_linux::{save, SaveOptions, SaveRegion};
+///
+/// let ram = vec![0u8; 64 << 20];
+/// let regions = [SaveRegion { name: "pc.ram", memory: &ram, page_size: 4096 }];
+/// let report = save("/var/lib/vm/guest.mr".as_ref(), &regions, &SaveOptions::default(), None)?;
+/// println!("{:.2} GiB/s", report.gib_per_second());
+/// # Ok::<(), mapped_ram_linux::SaveError>(())
+/// ```
+pub fn save(
+    path: &Path,
+    regions: &[SaveRegion<'_>],
+    opts: &SaveOptions,
+    mut progress: Option<ProgressFn<'_>>,
+) -> Result<SaveReport, SaveError> {
+    let started = Instant::now();
+    if opts.channels == 0 || opts.channels > 255 {
+        return Err(SaveError::Options(format!(
+            "channels must be between 1 and 255, not {}",
+            opts.channels
+        )));
+    }
+    let page_size = check_regions(
+        regions
+            .iter()
+            .map(|r| (r.name, r.memory.len() as u64, r.page_size)),
+    )?;
+    if opts.chunk_bytes < page_size || opts.chunk_bytes % page_size != 0 {
+        return Err(SaveError::Options(format!(
+            "chunk size {} is not a multiple of the page size {page_size}",
+            opts.chunk_bytes
+        )));
+    }
+    let blocks: Vec<(&str, u64)> = regions
+        .iter()
+        .map(|r| (r.name, r.memory.len() as u64))
+        .collect();
+    let plan = plan(
+        &blocks,
+        page_size,
+        &opts.machine,
+        opts.offset,
+        opts.device_state.as_deref(),
+    )?;
+    let cancelled = || opts.cancel.as_ref().is_some_and(Cancel::is_cancelled);
+
+    let (tmp_path, prefix) = temp_name(path);
+    let stale_temporaries_removed = remove_stale_temporaries(path, &prefix);
+    let main = file::open(
+        &tmp_path,
+        OFlags::RDWR | OFlags::CREATE | OFlags::EXCL,
+        0o600,
+    )
+    .map_err(|e| IoFailure::new(Op::Open, &tmp_path, None, e))?;
+    let mut temp = TempFile {
+        path: tmp_path.clone(),
+        committed: false,
+    };
+    let io = |op: Op, offset: Option<u64>| {
+        let p = tmp_path.clone();
+        move |e: std::io::Error| SaveError::Io(IoFailure::new(op, p, offset, e))
+    };
+
+    // The prefix of `file:PATH,offset=N` belongs to someone else: keep the target's bytes.
+    if opts.offset > 0 {
+        copy_prefix(path, main.as_fd(), opts.offset, &tmp_path)?;
+    }
+    let file_size = plan.file_size();
+    file::set_len(main.as_fd(), file_size).map_err(io(Op::Truncate, Some(file_size)))?;
+    file::write_all_at(main.as_fd(), &plan.head, opts.offset)
+        .map_err(io(Op::WriteStream, Some(opts.offset)))?;
+    for (layout, record) in plan.layouts.iter().zip(&plan.records) {
+        file::write_all_at(main.as_fd(), record, layout.record_offset)
+            .map_err(io(Op::WriteStream, Some(layout.record_offset)))?;
+    }
+    file::write_all_at(main.as_fd(), &plan.tail, plan.device_stream_start)
+        .map_err(io(Op::WriteStream, Some(plan.device_stream_start)))?;
+
+    // Channel descriptors, each opened by path.
+    let probe = plan
+        .layouts
+        .iter()
+        .find(|l| l.length >= page_size)
+        .map(|l| l.pages_offset);
+    let (fds, direct, fallback) = open_channels(&tmp_path, true, opts.channels, opts.direct_io, probe)
+        .map_err(|e| match e {
+            ChannelOpenError::Refused(r) => SaveError::DirectIoRefused {
+                path: tmp_path.clone(),
+                filesystem: r.filesystem,
+                source: r.source,
+            },
+            ChannelOpenError::Io(f) => SaveError::Io(f),
+        })?;
+
+    // Channel work.
+    let bitmaps: Vec<Vec<AtomicU64>> = plan
+        .layouts
+        .iter()
+        .map(|l| (0..l.bitmap_words()).map(|_| AtomicU64::new(0)).collect())
+        .collect();
+    let queue = WorkQueue::new(&plan.layouts, opts.chunk_bytes)
+        .map_err(|e| SaveError::Options(e.to_string()))?;
+    let policy = WritePolicy {
+        max_io: opts.chunk_bytes,
+        max_gap_pages: opts.max_gap_pages,
+        write_zero_pages: opts.zero_pages == ZeroPages::Write,
+    };
+    let counters = Counters::default();
+    let failure: Mutex<Option<SaveError>> = Mutex::new(None);
+    let total: u64 = blocks.iter().map(|(_, l)| *l).sum();
+    let ctx = ChannelCtx {
+        regions,
+        layouts: &plan.layouts,
+        bitmaps: &bitmaps,
+        queue: &queue,
+        policy: &policy,
+        counters: &counters,
+        failure: &failure,
+        path: &tmp_path,
+        direct,
+        page_size,
+        cancel: opts.cancel.as_ref(),
+    };
+    std::thread::scope(|s| {
+        let handles: Vec<_> = fds
+            .iter()
+            .map(|fd| {
+                let ctx = &ctx;
+                s.spawn(move || ctx.run(fd))
+            })
+            .collect();
+        while handles.iter().any(|h| !h.is_finished()) {
+            if cancelled() {
+                queue.stop();
+            }
+            if let Some(cb) = progress.as_mut() {
+                cb(Progress {
+                    done: counters.ram_done.load(Ordering::Relaxed),
+                    total,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    drop(fds);
+    if let Some(err) = failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        return Err(err);
+    }
+    if cancelled() {
+        return Err(SaveError::Cancelled);
+    }
+
+    // Bitmaps last, through the main descriptor, as QEMU does.
+    let mut pages_stored = 0u64;
+    for (layout, words) in plan.layouts.iter().zip(&bitmaps) {
+        let map = AtomicBitmap::new(words, layout.num_pages())
+            .map_err(|e| SaveError::Options(e.to_string()))?;
+        let mut snap = vec![0u64; words.len()];
+        map.snapshot(&mut snap)
+            .map_err(|e| SaveError::Options(e.to_string()))?;
+        pages_stored += Bitmap::new(&mut snap, layout.num_pages())
+            .map(|b| b.count_ones())
+            .unwrap_or(0);
+        let mut bytes = vec![0u8; snap.len() * 8];
+        bitmap::encode_le(&snap, &mut bytes).map_err(|e| SaveError::Options(e.to_string()))?;
+        file::write_all_at(main.as_fd(), &bytes, layout.bitmap_offset)
+            .map_err(io(Op::WriteBitmap, Some(layout.bitmap_offset)))?;
+    }
+    if opts.fsync {
+        file::fdatasync(main.as_fd()).map_err(io(Op::Sync, None))?;
+    }
+    drop(main);
+    if cancelled() {
+        return Err(SaveError::Cancelled);
+    }
+    std::fs::rename(&tmp_path, path).map_err(|e| {
+        SaveError::Io(IoFailure::new(Op::Rename, path, None, e))
+    })?;
+    temp.committed = true;
+    if opts.fsync {
+        let dir = parent_dir(path);
+        file::fsync_dir(&dir).map_err(|e| SaveError::Io(IoFailure::new(Op::SyncDir, dir, None, e)))?;
+    }
+    if let Some(cb) = progress.as_mut() {
+        cb(Progress { done: total, total });
+    }
+    let pages: u64 = plan.layouts.iter().map(BlockLayout::num_pages).sum();
+    Ok(SaveReport {
+        path: path.to_path_buf(),
+        ram_bytes: total,
+        data_bytes: counters.data_bytes.load(Ordering::Relaxed),
+        pages,
+        pages_stored,
+        zero_pages: pages - pages_stored,
+        writes: counters.writes.load(Ordering::Relaxed),
+        seconds: started.elapsed().as_secs_f64(),
+        direct_io: direct,
+        direct_io_fallback: fallback,
+        channels: opts.channels,
+        file_size,
+        stale_temporaries_removed,
+    })
+}
+
+fn copy_prefix(
+    target: &Path,
+    main: std::os::fd::BorrowedFd<'_>,
+    offset: u64,
+    tmp: &Path,
+) -> Result<(), SaveError> {
+    let old = match file::open(target, OFlags::RDONLY, 0) {
+        Ok(fd) => fd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(IoFailure::new(Op::Open, target, None, e).into()),
+    };
+    let mut buf = vec![0u8; offset.min(1 << 20) as usize];
+    let mut pos = 0u64;
+    while pos < offset {
+        let want = (offset - pos).min(buf.len() as u64) as usize;
+        let n = file::pread_some(old.as_fd(), &mut buf[..want], pos)
+            .map_err(|e| IoFailure::new(Op::ReadStream, target, Some(pos), e))?;
+        if n == 0 {
+            break;
+        }
+        file::write_all_at(main, &buf[..n], pos)
+            .map_err(|e| IoFailure::new(Op::WriteStream, tmp, Some(pos), e))?;
+        pos += n as u64;
+    }
+    Ok(())
+}
+
+pub(crate) enum ChannelOpenError {
+    Refused(file::DirectRefused),
+    Io(IoFailure),
+}
+
+/// Opens `n` channel descriptors; returns them, whether they use `O_DIRECT`, and why `auto`
+/// fell back if it did.
+pub(crate) fn open_channels(
+    path: &Path,
+    write: bool,
+    n: usize,
+    mode: DirectIo,
+    probe: Option<u64>,
+) -> Result<(Vec<OwnedFd>, bool, Option<String>), ChannelOpenError> {
+    let want_direct = mode != DirectIo::Off;
+    let mut fds = Vec::with_capacity(n);
+    let mut direct = want_direct;
+    let mut fallback = None;
+    for i in 0..n {
+        let probe_here = if i == 0 { probe } else { None };
+        match file::open_channel(path, write, direct, probe_here) {
+            Ok(c) => fds.push(c.fd),
+            Err(Ok(refused)) if mode == DirectIo::Auto && fds.is_empty() => {
+                fallback = Some(format!(
+                    "{} refused O_DIRECT ({}); using buffered I/O",
+                    refused.filesystem, refused.source
+                ));
+                direct = false;
+                let c = file::open_channel(path, write, false, None).map_err(|e| match e {
+                    Ok(r) => ChannelOpenError::Refused(r),
+                    Err(f) => ChannelOpenError::Io(f),
+                })?;
+                fds.push(c.fd);
+            }
+            Err(Ok(refused)) => return Err(ChannelOpenError::Refused(refused)),
+            Err(Err(f)) => return Err(ChannelOpenError::Io(f)),
+        }
+    }
+    Ok((fds, direct, fallback))
+}
+
+#[derive(Default)]
+struct Counters {
+    ram_done: AtomicU64,
+    data_bytes: AtomicU64,
+    writes: AtomicU64,
+}
+
+struct ChannelCtx<'a> {
+    regions: &'a [SaveRegion<'a>],
+    layouts: &'a [BlockLayout],
+    bitmaps: &'a [Vec<AtomicU64>],
+    queue: &'a WorkQueue<'a>,
+    policy: &'a WritePolicy,
+    counters: &'a Counters,
+    failure: &'a Mutex<Option<SaveError>>,
+    path: &'a Path,
+    direct: bool,
+    page_size: u64,
+    cancel: Option<&'a Cancel>,
+}
+
+impl ChannelCtx<'_> {
+    fn run(&self, fd: &OwnedFd) {
+        let chunk_pages = self.policy.max_io / self.page_size;
+        let mut zero_words = vec![0u64; chunk_pages.div_ceil(64) as usize];
+        let mut bounce: Option<AlignedBuf> = None;
+        while let Some(chunk) = self.queue.claim() {
+            if self.cancel.is_some_and(Cancel::is_cancelled) {
+                self.queue.stop();
+                return;
+            }
+            if let Err(e) = self.chunk(fd, &chunk, &mut zero_words, &mut bounce) {
+                self.queue.stop();
+                let mut slot = self.failure.lock().unwrap_or_else(|p| p.into_inner());
+                slot.get_or_insert(e);
+                return;
+            }
+        }
+    }
+
+    fn chunk(
+        &self,
+        fd: &OwnedFd,
+        chunk: &Chunk,
+        zero_words: &mut [u64],
+        bounce: &mut Option<AlignedBuf>,
+    ) -> Result<(), SaveError> {
+        let layout = &self.layouts[chunk.block];
+        let memory = self.regions[chunk.block].memory;
+        let ps = self.page_size;
+        let pages = chunk.end - chunk.start;
+        zero_words.iter_mut().for_each(|w| *w = 0);
+        let mut zmap = Bitmap::new(zero_words, pages).map_err(|e| SaveError::Options(e.to_string()))?;
+        if !self.policy.write_zero_pages {
+            for i in 0..pages {
+                let off = ((chunk.start + i) * ps) as usize;
+                if zero::is_zero(&memory[off..off + ps as usize]) {
+                    let _ = zmap.set(i);
+                }
+            }
+        }
+        let zref = zmap.as_ref();
+        let map = AtomicBitmap::new(&self.bitmaps[chunk.block], layout.num_pages())
+            .map_err(|e| SaveError::Options(e.to_string()))?;
+        let mut result = Ok(());
+        schedule::write_extents(layout, chunk.block, chunk, &zref, self.policy, |ext| {
+            if result.is_err() {
+                return;
+            }
+            let start = ext.mem_offset as usize;
+            let data = &memory[start..start + ext.len as usize];
+            let write = if self.direct && !is_aligned(data) {
+                let buf = bounce.get_or_insert_with(|| AlignedBuf::new(self.policy.max_io as usize));
+                let dst = &mut buf.as_mut_slice()[..data.len()];
+                dst.copy_from_slice(data);
+                file::pwritev_all(fd.as_fd(), dst, ext.file_offset)
+            } else {
+                file::pwritev_all(fd.as_fd(), data, ext.file_offset)
+            };
+            if let Err(e) = write {
+                result = Err(SaveError::Io(IoFailure::new(
+                    Op::WritePages,
+                    self.path,
+                    Some(ext.file_offset),
+                    e,
+                )));
+                return;
+            }
+            self.counters.writes.fetch_add(1, Ordering::Relaxed);
+            self.counters.data_bytes.fetch_add(ext.len, Ordering::Relaxed);
+        })
+        .map_err(|e| SaveError::Options(e.to_string()))?;
+        result?;
+        // Bits: set for every page written as data; zero pages stay clear.
+        for run in zref.runs_in(0..pages, false) {
+            map.update_range(chunk.start + run.start..chunk.start + run.end, true)
+                .map_err(|e| SaveError::Options(e.to_string()))?;
+        }
+        self.counters.ram_done.fetch_add(pages * ps, Ordering::Relaxed);
+        Ok(())
+    }
+}

@@ -1,0 +1,194 @@
+//! The backend's only `unsafe` code: memory mappings of RAM files and page-aligned buffers.
+//!
+//! Everything else in this crate reaches the kernel through rustix's safe wrappers, passing
+//! guest memory as ordinary `&[u8]` / `&mut [u8]` slices.
+
+use std::alloc::{self, Layout};
+use std::fs::File;
+use std::os::fd::AsFd;
+use std::path::Path;
+use std::ptr::NonNull;
+
+use rustix::mm::{self, MapFlags, ProtFlags};
+
+/// Alignment of every buffer handed to `O_DIRECT` I/O: the largest logical block size in
+/// common use and the x86-64 page size.
+pub const DIRECT_IO_ALIGN: usize = 4096;
+
+/// A shared, writable or read-only mapping of a whole file (`mmap(2)` with `MAP_SHARED`).
+///
+/// Use it to treat a RAM file — for example a QEMU `memory-backend-file` on `/dev/shm` — as
+/// a guest memory region.
+#[derive(Debug)]
+pub struct MappedFile {
+    ptr: NonNull<u8>,
+    len: usize,
+    writable: bool,
+}
+
+// SAFETY: the mapping is plain memory owned by this value; access goes through `&self`
+// (shared, read-only) or `&mut self` (exclusive), so the usual borrow rules make it as
+// thread-safe as a `Box<[u8]>`.
+unsafe impl Send for MappedFile {}
+// SAFETY: as above; `as_slice` hands out `&[u8]` only from `&self`.
+unsafe impl Sync for MappedFile {}
+
+impl MappedFile {
+    /// Maps `len` bytes of `file` from offset 0. `len` 0 gives an empty mapping.
+    ///
+    /// `mmap(2)`: <https://man7.org/linux/man-pages/man2/mmap.2.html>.
+    pub fn map(file: &File, len: usize, writable: bool) -> std::io::Result<Self> {
+        if len == 0 {
+            return Ok(Self {
+                ptr: NonNull::dangling(),
+                len: 0,
+                writable,
+            });
+        }
+        let prot = if writable {
+            ProtFlags::READ | ProtFlags::WRITE
+        } else {
+            ProtFlags::READ
+        };
+        // SAFETY: we ask the kernel for a fresh mapping (null hint, no MAP_FIXED), so no
+        // existing memory is replaced; the file descriptor is valid for the call; the result
+        // is checked before use and unmapped exactly once in `Drop`.
+        let raw = unsafe {
+            mm::mmap(
+                std::ptr::null_mut(),
+                len,
+                prot,
+                MapFlags::SHARED,
+                file.as_fd(),
+                0,
+            )
+        }?;
+        let ptr = NonNull::new(raw.cast::<u8>()).ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::Other, "mmap returned a null address")
+        })?;
+        Ok(Self { ptr, len, writable })
+    }
+
+    /// Opens and maps the file at `path` read-only.
+    pub fn open_readonly(path: &Path) -> std::io::Result<Self> {
+        let file = File::open(path)?;
+        let len = usize::try_from(file.metadata()?.len())
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "file too large"))?;
+        Self::map(&file, len, false)
+    }
+
+    /// Length of the mapping in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// `true` for an empty mapping.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The mapped bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: `ptr` points to `len` mapped, readable bytes (or is dangling with len 0) that
+        // stay mapped until `self` is dropped; the returned borrow is tied to `&self`. Another
+        // process may change a shared mapping's bytes, which is no different from memory
+        // shared with a running guest and cannot break Rust's aliasing rules for `u8`.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// The mapped bytes, writable. Returns `None` for a read-only mapping.
+    pub fn as_mut_slice(&mut self) -> Option<&mut [u8]> {
+        if !self.writable {
+            return None;
+        }
+        // SAFETY: as in `as_slice`, and the mapping was created with PROT_WRITE; `&mut self`
+        // guarantees no other borrow of the bytes exists in this process.
+        Some(unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) })
+    }
+
+    /// Asks the kernel to fault in every page of the mapping for writing in one call
+    /// (`madvise(2)` `MADV_POPULATE_WRITE`, Linux 5.14+), so a restore does not take one page
+    /// fault per page. Failure is harmless and reported as `false`.
+    pub fn populate_write(&mut self) -> bool {
+        if !self.writable || self.len == 0 {
+            return false;
+        }
+        // SAFETY: the range is exactly our own live mapping; MADV_POPULATE_WRITE only faults
+        // pages in and never changes their contents or the mapping.
+        unsafe {
+            mm::madvise(
+                self.ptr.as_ptr().cast(),
+                self.len,
+                mm::Advice::LinuxPopulateWrite,
+            )
+        }
+        .is_ok()
+    }
+}
+
+impl Drop for MappedFile {
+    fn drop(&mut self) {
+        if self.len == 0 {
+            return;
+        }
+        // SAFETY: `ptr`/`len` describe a mapping created by `map` and not unmapped before;
+        // no borrow of it can outlive `self`.
+        let _ = unsafe { mm::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+/// A zero-initialised heap buffer aligned to [`DIRECT_IO_ALIGN`], for `O_DIRECT` I/O of data
+/// whose own memory is not aligned (a bounce buffer).
+#[derive(Debug)]
+pub struct AlignedBuf {
+    ptr: NonNull<u8>,
+    layout: Layout,
+}
+
+// SAFETY: the buffer is uniquely owned heap memory, like a `Vec<u8>`.
+unsafe impl Send for AlignedBuf {}
+// SAFETY: shared access only reads.
+unsafe impl Sync for AlignedBuf {}
+
+impl AlignedBuf {
+    /// Allocates `len` zeroed bytes (rounded up to a multiple of [`DIRECT_IO_ALIGN`]).
+    ///
+    /// # Panics
+    ///
+    /// Like `Vec::with_capacity`, if the size overflows `isize`.
+    pub fn new(len: usize) -> Self {
+        let layout = len
+            .max(1)
+            .checked_next_multiple_of(DIRECT_IO_ALIGN)
+            .and_then(|len| Layout::from_size_align(len, DIRECT_IO_ALIGN).ok())
+            .expect("aligned buffer size overflows");
+        // SAFETY: `layout` has a non-zero size.
+        let raw = unsafe { alloc::alloc_zeroed(layout) };
+        let ptr = NonNull::new(raw).unwrap_or_else(|| alloc::handle_alloc_error(layout));
+        Self { ptr, layout }
+    }
+
+    /// The bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: `ptr` owns `layout.size()` initialised (zeroed at allocation) bytes.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.layout.size()) }
+    }
+
+    /// The bytes, writable.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as above, and `&mut self` makes the borrow exclusive.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.layout.size()) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with exactly this layout and not freed before.
+        unsafe { alloc::dealloc(self.ptr.as_ptr(), self.layout) }
+    }
+}
+
+/// `true` when `bytes` starts on a [`DIRECT_IO_ALIGN`] boundary.
+pub fn is_aligned(bytes: &[u8]) -> bool {
+    (bytes.as_ptr() as usize) % DIRECT_IO_ALIGN == 0
+}
