@@ -317,9 +317,10 @@ fn cmd_save(a: SaveArgs, json: bool) -> Result<Value, CliError> {
         })
         .collect();
     let device_state = match &a.device_state {
-        Some(p) => Some(std::fs::read(p).map_err(|e| {
-            CliError(format!("device-state file {}: {e}", p.display()))
-        })?),
+        Some(p) => Some(
+            std::fs::read(p)
+                .map_err(|e| CliError(format!("device-state file {}: {e}", p.display())))?,
+        ),
         None => None,
     };
     let opts = SaveOptions {
@@ -557,7 +558,11 @@ fn cmd_inspect(a: InspectArgs, json: bool) -> Result<Value, CliError> {
             .map_err(|e| CliError(format!("device-state file {}: {e}", out.display())))?;
     }
     if !json {
-        println!("file:         {} ({} bytes)", info.path.display(), info.file_size);
+        println!(
+            "file:         {} ({} bytes)",
+            info.path.display(),
+            info.file_size
+        );
         println!("machine:      {}", info.machine);
         println!("capabilities: {}", info.capabilities.join(", "));
         println!(
@@ -617,7 +622,11 @@ fn cmd_verify(a: VerifyArgs, json: bool) -> Result<Value, CliError> {
     }
     if !json {
         if report.blocks_compared.is_empty() {
-            println!("{}: structure ok ({} block(s))", a.file.display(), report.info.blocks.len());
+            println!(
+                "{}: structure ok ({} block(s))",
+                a.file.display(),
+                report.info.blocks.len()
+            );
         } else {
             println!(
                 "{}: structure ok; contents equal for {}",
@@ -735,7 +744,10 @@ fn cmd_demo(a: DemoArgs, json: bool) -> Result<Value, CliError> {
                 v.ok()
             )));
         }
-        say("verify:  restored RAM is byte-identical; the file matches the image page by page".into());
+        say(
+            "verify:  restored RAM is byte-identical; the file matches the image page by page"
+                .into(),
+        );
         if a.keep {
             say(format!("snapshot kept at {}", path.display()));
         }

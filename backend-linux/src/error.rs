@@ -204,7 +204,11 @@ impl fmt::Display for GuestMemoryState {
         match self {
             GuestMemoryState::Untouched => f.write_str("guest memory untouched"),
             GuestMemoryState::Modified { blocks } => {
-                write!(f, "guest memory partly written in block(s) {}", blocks.join(", "))
+                write!(
+                    f,
+                    "guest memory partly written in block(s) {}",
+                    blocks.join(", ")
+                )
             }
         }
     }
@@ -263,7 +267,9 @@ pub enum FormatError {
         offset: u64,
     },
     /// Bits set past the block's last page.
-    #[error("{path}: block {block:?}: bitmap at {offset:#x} marks pages past the end of the block")]
+    #[error(
+        "{path}: block {block:?}: bitmap at {offset:#x} marks pages past the end of the block"
+    )]
     StrayBits {
         /// The snapshot.
         path: PathBuf,
@@ -302,7 +308,9 @@ pub enum RestoreErrorKind {
         region_length: u64,
     },
     /// A region's page size differs from the snapshot's.
-    #[error("block {name:?}: the snapshot's page size is {file} but the destination's is {region}")]
+    #[error(
+        "block {name:?}: the snapshot's page size is {file} but the destination's is {region}"
+    )]
     PageSizeMismatch {
         /// The block.
         name: String,

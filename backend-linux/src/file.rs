@@ -79,7 +79,11 @@ pub(crate) fn pwritev_all(fd: BorrowedFd<'_>, mut buf: &[u8], mut offset: u64) -
 }
 
 /// `preadv(2)` exactly `buf.len()` bytes at `offset`; end of file first is `UnexpectedEof`.
-pub(crate) fn preadv_exact(fd: BorrowedFd<'_>, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
+pub(crate) fn preadv_exact(
+    fd: BorrowedFd<'_>,
+    mut buf: &mut [u8],
+    mut offset: u64,
+) -> io::Result<()> {
     while !buf.is_empty() {
         match rustix::io::preadv(fd, &mut [IoSliceMut::new(buf)], offset) {
             Ok(0) => return Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
@@ -137,6 +141,7 @@ pub fn filesystem_name(fd: BorrowedFd<'_>) -> String {
         0x6573_5546 => "fuse",
         0x0102_1997 => "9p",
         0xF15F => "ecryptfs",
+        0x8584_58F6 => "ramfs",
         _ => return format!("the file system (magic {magic:#x})"),
     };
     name.to_string()
@@ -165,7 +170,11 @@ pub(crate) fn open_channel(
     direct: bool,
     probe_offset: Option<u64>,
 ) -> Result<ChannelFd, Result<DirectRefused, IoFailure>> {
-    let base = if write { OFlags::WRONLY } else { OFlags::RDONLY };
+    let base = if write {
+        OFlags::WRONLY
+    } else {
+        OFlags::RDONLY
+    };
     if !direct {
         let fd = open(path, base, 0).map_err(|e| Err(IoFailure::new(Op::Open, path, None, e)))?;
         return Ok(ChannelFd { fd });

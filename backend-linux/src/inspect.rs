@@ -110,15 +110,18 @@ fn stream_error<E: std::fmt::Display>(
 
 /// Opens and validates the snapshot at `path` whose stream starts at `offset`.
 pub fn open_snapshot(path: &Path, offset: u64) -> Result<Snapshot, FormatError> {
-    let fd = file::open(path, OFlags::RDONLY, 0)
-        .map_err(|e| IoFailure::new(Op::Open, path, None, e))?;
+    let fd =
+        file::open(path, OFlags::RDONLY, 0).map_err(|e| IoFailure::new(Op::Open, path, None, e))?;
     let info = read_structure(fd.as_fd(), path, offset)?;
     Ok(Snapshot { fd, info })
 }
 
-fn read_structure(fd: BorrowedFd<'_>, path: &Path, offset: u64) -> Result<SnapshotInfo, FormatError> {
-    let file_size =
-        file::file_size(fd).map_err(|e| IoFailure::new(Op::Stat, path, None, e))?;
+fn read_structure(
+    fd: BorrowedFd<'_>,
+    path: &Path,
+    offset: u64,
+) -> Result<SnapshotInfo, FormatError> {
+    let file_size = file::file_size(fd).map_err(|e| IoFailure::new(Op::Stat, path, None, e))?;
     let mut dec = Decoder::new(FdSource { fd }, offset);
     let config = dec.read_config().map_err(|e| stream_error(path, e))?;
     let ram = dec.read_ram_start().map_err(|e| stream_error(path, e))?;

@@ -43,7 +43,9 @@ pub mod sys;
 pub mod verify;
 pub mod zero;
 
-pub use error::{FormatError, GuestMemoryState, IoFailure, Op, RestoreError, RestoreErrorKind, SaveError};
+pub use error::{
+    FormatError, GuestMemoryState, IoFailure, Op, RestoreError, RestoreErrorKind, SaveError,
+};
 pub use file::DirectIo;
 pub use inspect::{inspect, read_device_state, BlockInfo, SnapshotInfo};
 pub use progress::{Cancel, Progress};

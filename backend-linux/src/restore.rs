@@ -33,6 +33,12 @@ pub struct RestoreRegion<'a> {
     pub page_size: u64,
 }
 
+/// Default longest run of clear-bit pages read through (and then zeroed) inside one read:
+/// 64 KiB of 4 KiB pages. With scattered zero pages, QEMU's loader (no gaps) splits a 1 MiB
+/// chunk into reads of ~12 KiB; reading the few zero pages in between keeps reads large. On
+/// the 1 GiB demo image here: 0.20 GiB/s with no gap, 0.8 GiB/s with 16 pages.
+pub const DEFAULT_READ_GAP_PAGES: u64 = 16;
+
 /// How to restore.
 #[derive(Debug, Clone)]
 pub struct RestoreOptions {
@@ -56,14 +62,13 @@ pub struct RestoreOptions {
 
 impl Default for RestoreOptions {
     fn default() -> Self {
-        let policy = ReadPolicy::default();
         Self {
             channels: default_channels(),
             direct_io: DirectIo::Auto,
             offset: 0,
             memory_is_zeroed: false,
             chunk_bytes: schedule::DEFAULT_MAX_IO,
-            max_gap_pages: policy.max_gap_pages,
+            max_gap_pages: DEFAULT_READ_GAP_PAGES,
             cancel: None,
         }
     }
@@ -184,8 +189,8 @@ pub fn restore(
         .iter()
         .find(|l| !l.is_empty() && l.length >= page_size)
         .map(|l| l.pages_offset);
-    let (fds, direct, fallback) =
-        open_channels(path, false, opts.channels, opts.direct_io, probe).map_err(|e| match e {
+    let (fds, direct, fallback) = open_channels(path, false, opts.channels, opts.direct_io, probe)
+        .map_err(|e| match e {
             ChannelOpenError::Refused(r) => RestoreErrorKind::DirectIoRefused {
                 path: path.to_path_buf(),
                 filesystem: r.filesystem,
@@ -373,14 +378,17 @@ impl ChannelCtx<'_, '_> {
                 let buf =
                     bounce.get_or_insert_with(|| AlignedBuf::new(self.policy.max_io as usize));
                 let tmp = &mut buf.as_mut_slice()[..dst.len()];
-                file::preadv_exact(fd.as_fd(), tmp, ext.file_offset).map(|()| dst.copy_from_slice(tmp))
+                file::preadv_exact(fd.as_fd(), tmp, ext.file_offset)
+                    .map(|()| dst.copy_from_slice(tmp))
             } else {
                 file::preadv_exact(fd.as_fd(), dst, ext.file_offset)
             };
             match read {
                 Ok(()) => {
                     self.counters.reads.fetch_add(1, Ordering::Relaxed);
-                    self.counters.data_bytes.fetch_add(ext.len, Ordering::Relaxed);
+                    self.counters
+                        .data_bytes
+                        .fetch_add(ext.len, Ordering::Relaxed);
                 }
                 Err(e) => {
                     result = Err(RestoreErrorKind::Io(IoFailure::new(
@@ -403,7 +411,9 @@ impl ChannelCtx<'_, '_> {
                 memory[from..to].fill(0);
             }
         }
-        self.counters.ram_done.fetch_add(pages * ps, Ordering::Relaxed);
+        self.counters
+            .ram_done
+            .fetch_add(pages * ps, Ordering::Relaxed);
         Ok(())
     }
 }

@@ -246,11 +246,11 @@ pub(crate) fn plan(
     };
     infallible(stream::encode_preamble(&config, &mut head));
     infallible(stream::encode_ram_start(RAM_SECTION_ID, total, &mut head));
-    let first_record = offset
-        .checked_add(head.0.len() as u64)
-        .ok_or(mapped_ram_core::layout::LayoutError::Overflow {
+    let first_record = offset.checked_add(head.0.len() as u64).ok_or(
+        mapped_ram_core::layout::LayoutError::Overflow {
             what: "first block record",
-        })?;
+        },
+    )?;
     let mut planner = Planner::new(first_record, page_size, false)?;
     let mut layouts = Vec::with_capacity(blocks.len());
     let mut records = Vec::with_capacity(blocks.len());
@@ -430,15 +430,17 @@ pub fn save(
         .iter()
         .find(|l| l.length >= page_size)
         .map(|l| l.pages_offset);
-    let (fds, direct, fallback) = open_channels(&tmp_path, true, opts.channels, opts.direct_io, probe)
-        .map_err(|e| match e {
-            ChannelOpenError::Refused(r) => SaveError::DirectIoRefused {
-                path: tmp_path.clone(),
-                filesystem: r.filesystem,
-                source: r.source,
+    let (fds, direct, fallback) =
+        open_channels(&tmp_path, true, opts.channels, opts.direct_io, probe).map_err(
+            |e| match e {
+                ChannelOpenError::Refused(r) => SaveError::DirectIoRefused {
+                    path: path.to_path_buf(),
+                    filesystem: r.filesystem,
+                    source: r.source,
+                },
+                ChannelOpenError::Io(f) => SaveError::Io(f),
             },
-            ChannelOpenError::Io(f) => SaveError::Io(f),
-        })?;
+        )?;
 
     // Channel work.
     let bitmaps: Vec<Vec<AtomicU64>> = plan
@@ -521,13 +523,13 @@ pub fn save(
     if cancelled() {
         return Err(SaveError::Cancelled);
     }
-    std::fs::rename(&tmp_path, path).map_err(|e| {
-        SaveError::Io(IoFailure::new(Op::Rename, path, None, e))
-    })?;
+    std::fs::rename(&tmp_path, path)
+        .map_err(|e| SaveError::Io(IoFailure::new(Op::Rename, path, None, e)))?;
     temp.committed = true;
     if opts.fsync {
         let dir = parent_dir(path);
-        file::fsync_dir(&dir).map_err(|e| SaveError::Io(IoFailure::new(Op::SyncDir, dir, None, e)))?;
+        file::fsync_dir(&dir)
+            .map_err(|e| SaveError::Io(IoFailure::new(Op::SyncDir, dir, None, e)))?;
     }
     if let Some(cb) = progress.as_mut() {
         cb(Progress { done: total, total });
@@ -670,7 +672,8 @@ impl ChannelCtx<'_> {
         let ps = self.page_size;
         let pages = chunk.end - chunk.start;
         zero_words.iter_mut().for_each(|w| *w = 0);
-        let mut zmap = Bitmap::new(zero_words, pages).map_err(|e| SaveError::Options(e.to_string()))?;
+        let mut zmap =
+            Bitmap::new(zero_words, pages).map_err(|e| SaveError::Options(e.to_string()))?;
         if !self.policy.write_zero_pages {
             for i in 0..pages {
                 let off = ((chunk.start + i) * ps) as usize;
@@ -690,7 +693,8 @@ impl ChannelCtx<'_> {
             let start = ext.mem_offset as usize;
             let data = &memory[start..start + ext.len as usize];
             let write = if self.direct && !is_aligned(data) {
-                let buf = bounce.get_or_insert_with(|| AlignedBuf::new(self.policy.max_io as usize));
+                let buf =
+                    bounce.get_or_insert_with(|| AlignedBuf::new(self.policy.max_io as usize));
                 let dst = &mut buf.as_mut_slice()[..data.len()];
                 dst.copy_from_slice(data);
                 file::pwritev_all(fd.as_fd(), dst, ext.file_offset)
@@ -707,7 +711,9 @@ impl ChannelCtx<'_> {
                 return;
             }
             self.counters.writes.fetch_add(1, Ordering::Relaxed);
-            self.counters.data_bytes.fetch_add(ext.len, Ordering::Relaxed);
+            self.counters
+                .data_bytes
+                .fetch_add(ext.len, Ordering::Relaxed);
         })
         .map_err(|e| SaveError::Options(e.to_string()))?;
         result?;
@@ -716,7 +722,9 @@ impl ChannelCtx<'_> {
             map.update_range(chunk.start + run.start..chunk.start + run.end, true)
                 .map_err(|e| SaveError::Options(e.to_string()))?;
         }
-        self.counters.ram_done.fetch_add(pages * ps, Ordering::Relaxed);
+        self.counters
+            .ram_done
+            .fetch_add(pages * ps, Ordering::Relaxed);
         Ok(())
     }
 }

@@ -68,7 +68,11 @@ pub enum VerifyError {
 /// Validates the snapshot's structure and, for each of `expected`, compares the block's
 /// contents page by page: a stored page must equal the RAM, a page with a clear bit must be
 /// zero in the RAM.
-pub fn verify(path: &Path, offset: u64, expected: &[SaveRegion<'_>]) -> Result<VerifyReport, VerifyError> {
+pub fn verify(
+    path: &Path,
+    offset: u64,
+    expected: &[SaveRegion<'_>],
+) -> Result<VerifyReport, VerifyError> {
     let snap = open_snapshot(path, offset)?;
     let mut mismatches = Vec::new();
     let mut blocks_compared = Vec::new();
@@ -116,8 +120,9 @@ pub fn verify(path: &Path, offset: u64, expected: &[SaveRegion<'_>]) -> Result<V
                 let n = (run.end - page).min(pages_per_buf);
                 let bytes = (n * ps) as usize;
                 let file_off = layout.pages_offset + page * ps;
-                file::read_exact_at(snap.fd.as_fd(), &mut buf[..bytes], file_off)
-                    .map_err(|e| FormatError::from(IoFailure::new(Op::ReadPages, path, Some(file_off), e)))?;
+                file::read_exact_at(snap.fd.as_fd(), &mut buf[..bytes], file_off).map_err(|e| {
+                    FormatError::from(IoFailure::new(Op::ReadPages, path, Some(file_off), e))
+                })?;
                 for i in 0..n {
                     let a = (i * ps) as usize;
                     let m = ((page + i) * ps) as usize;

@@ -176,7 +176,7 @@ impl<'a> BitmapRef<'a> {
             let (w, _) = locate(pos);
             let word = self.words.get(w).copied().unwrap_or(0);
             let shift = pos % 64;
-            let take = (64 - shift).min(end - pos);
+            let take = 64u64.saturating_sub(shift).min(end.saturating_sub(pos));
             let bits = (word >> shift) & low_mask(take);
             count = count.saturating_add(u64::from(bits.count_ones()));
             pos = pos.saturating_add(take);
@@ -197,7 +197,7 @@ impl<'a> BitmapRef<'a> {
                 let found = pos.saturating_add(u64::from(rest.trailing_zeros()));
                 return (found < self.bits).then_some(found);
             }
-            pos = pos.saturating_add(64 - shift);
+            pos = pos.saturating_add(64u64.saturating_sub(shift));
         }
         None
     }
@@ -346,7 +346,9 @@ impl<'a> Bitmap<'a> {
         let mut pos = range.start;
         while pos < range.end {
             let shift = pos % 64;
-            let take = (64 - shift).min(range.end - pos);
+            let take = 64u64
+                .saturating_sub(shift)
+                .min(range.end.saturating_sub(pos));
             let mask = low_mask(take) << shift;
             let (word, _) = self.word_mut(pos)?;
             if value {
@@ -403,7 +405,9 @@ impl<'a> AtomicBitmap<'a> {
         let mut pos = range.start;
         while pos < range.end {
             let shift = pos % 64;
-            let take = (64 - shift).min(range.end - pos);
+            let take = 64u64
+                .saturating_sub(shift)
+                .min(range.end.saturating_sub(pos));
             let mask = low_mask(take) << shift;
             let (w, _) = locate(pos);
             let word = self.words.get(w).ok_or(BitmapError::OutOfRange {
@@ -460,7 +464,7 @@ mod tests {
         let mut words = [0u64; 1];
         decode_le(&bytes, &mut words).unwrap();
         let map = BitmapRef::new(&words, 16).unwrap();
-        assert_eq!(map.runs(true).collect::<Vec<_>>(), [7..14]);
+        assert_eq!(map.runs(true).collect::<Vec<_>>(), vec![7..14]);
         assert_eq!(map.count_ones(), 7);
         let mut out = [0u8; 8];
         encode_le(&words, &mut out).unwrap();
@@ -498,7 +502,7 @@ mod tests {
         words[0] = u64::MAX;
         let map = BitmapRef::new(&words, 10).unwrap();
         assert_eq!(map.count_ones(), 10);
-        assert_eq!(map.runs(true).collect::<Vec<_>>(), [0..10]);
+        assert_eq!(map.runs(true).collect::<Vec<_>>(), vec![0..10]);
         assert_eq!(map.runs(false).count(), 0);
     }
 

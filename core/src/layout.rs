@@ -744,7 +744,7 @@ mod tests {
         assert!(matches!(p.push(1, 4096), Err(LayoutError::Overflow { .. })));
         let mut p = Planner::new(0, 4096, false).unwrap();
         assert!(matches!(
-            p.push(1, u64::MAX & !4095),
+            p.push(1, !4095u64),
             Err(LayoutError::Overflow { .. })
         ));
         assert!(matches!(
@@ -812,7 +812,7 @@ mod tests {
         ));
         assert!(matches!(
             chk(MappedRamHeader {
-                pages_offset: u64::MAX & !4095,
+                pages_offset: !4095u64,
                 ..good
             }),
             Err(BlockError::Layout(LayoutError::Overflow { .. }))
