@@ -1,4 +1,4 @@
-//! The `mapped-ram` command-line tool: a thin layer over [`crate::save`], [`crate::restore`],
+//! The `mapped-ram` command-line tool: a thin layer over [`crate::save()`], [`crate::restore()`],
 //! [`crate::inspect()`] and [`crate::verify()`].
 //!
 //! Exit status: 0 on success, 1 with a one-line `error: …` on failure, 2 on usage errors.

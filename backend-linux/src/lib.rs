@@ -3,11 +3,11 @@
 //! Save and restore a virtual machine's guest RAM at disk speed, in QEMU's *mapped-ram* file
 //! layout, on Linux.
 //!
-//! * [`save`] writes guest memory regions to a snapshot file with N channel threads, each with
+//! * [`save()`] writes guest memory regions to a snapshot file with N channel threads, each with
 //!   its own descriptor (optionally `O_DIRECT`), issuing large `pwritev(2)` calls straight from
 //!   guest memory. The file is a valid QEMU 10.0 migration stream that `qemu-system-*
 //!   -incoming` loads with the `mapped-ram` capability.
-//! * [`restore`] reads a snapshot — ours or one QEMU wrote — back into guest memory with
+//! * [`restore()`] reads a snapshot — ours or one QEMU wrote — back into guest memory with
 //!   `preadv(2)`, after validating every header and bitmap.
 //! * [`inspect()`] and [`verify()`] report and check a snapshot's structure and contents.
 //!

@@ -63,9 +63,8 @@ impl MappedFile {
                 0,
             )
         }?;
-        let ptr = NonNull::new(raw.cast::<u8>()).ok_or_else(|| {
-            std::io::Error::new(std::io::ErrorKind::Other, "mmap returned a null address")
-        })?;
+        let ptr = NonNull::new(raw.cast::<u8>())
+            .ok_or_else(|| std::io::Error::other("mmap returned a null address"))?;
         Ok(Self { ptr, len, writable })
     }
 

@@ -9,8 +9,11 @@ pub mod layout;
 pub mod schedule;
 pub mod stream;
 
+/// A harness body: runs one input, panicking on a violated invariant.
+pub type Harness = fn(&[u8]);
+
 /// The targets and their harness functions.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Harness)] = &[
     ("caps", caps::run),
     ("layout", layout::run),
     ("schedule", schedule::run),
