@@ -116,7 +116,7 @@ pub fn open_snapshot(path: &Path, offset: u64) -> Result<Snapshot, FormatError> 
     Ok(Snapshot { fd, info })
 }
 
-fn read_structure(
+pub(crate) fn read_structure(
     fd: BorrowedFd<'_>,
     path: &Path,
     offset: u64,

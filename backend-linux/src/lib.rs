@@ -49,7 +49,7 @@ pub use error::{
 pub use file::DirectIo;
 pub use inspect::{inspect, read_device_state, BlockInfo, SnapshotInfo};
 pub use progress::{Cancel, Progress};
-pub use restore::{restore, RestoreOptions, RestoreRegion, RestoreReport};
-pub use save::{save, SaveOptions, SaveRegion, SaveReport, ZeroPages};
+pub use restore::{restore, restore_from_fds, RestoreOptions, RestoreRegion, RestoreReport};
+pub use save::{save, save_to_fds, SaveOptions, SaveRegion, SaveReport, ZeroPages};
 pub use sys::MappedFile;
 pub use verify::{verify, Mismatch, VerifyReport};

@@ -6,8 +6,8 @@
 //! chunks from the core's [`WorkQueue`], `preadv` the stored pages straight into guest memory
 //! (with `O_DIRECT` when on) and zero the pages whose bit is clear.
 
-use std::os::fd::{AsFd, OwnedFd};
-use std::path::Path;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -17,7 +17,7 @@ use mapped_ram_core::schedule::{self, Chunk, ReadPolicy, WorkQueue};
 
 use crate::error::{GuestMemoryState, IoFailure, Op, RestoreError, RestoreErrorKind};
 use crate::file::{self, DirectIo};
-use crate::inspect::{open_snapshot, BlockInfo};
+use crate::inspect::{open_snapshot, BlockInfo, SnapshotInfo};
 use crate::progress::{Cancel, Progress, ProgressFn};
 use crate::save::{check_regions, default_channels, gib_per_s, open_channels, ChannelOpenError};
 use crate::sys::{is_aligned, AlignedBuf};
@@ -110,18 +110,11 @@ impl RestoreReport {
     }
 }
 
-/// Restores the blocks named by `regions` from the snapshot at `path`.
-///
-/// Every region must name a block of the snapshot with exactly its length; blocks no region
-/// names are skipped and listed in the report. On failure the error says which regions' memory
-/// was written ([`GuestMemoryState`]); validation failures always leave memory untouched.
-pub fn restore(
-    path: &Path,
-    regions: &mut [RestoreRegion<'_>],
+/// Checks channel count, regions and chunk size; returns the page size.
+fn check_options(
+    regions: &[RestoreRegion<'_>],
     opts: &RestoreOptions,
-    mut progress: Option<ProgressFn<'_>>,
-) -> Result<RestoreReport, RestoreError> {
-    let started = Instant::now();
+) -> Result<u64, RestoreError> {
     if opts.channels == 0 || opts.channels > 255 {
         return Err(RestoreErrorKind::Options(format!(
             "channels must be between 1 and 255, not {}",
@@ -141,9 +134,92 @@ pub fn restore(
         ))
         .into());
     }
-    let snap = open_snapshot(path, opts.offset)?;
-    let info = &snap.info;
+    Ok(page_size)
+}
 
+/// Restores the blocks named by `regions` from the snapshot at `path`.
+///
+/// Every region must name a block of the snapshot with exactly its length; blocks no region
+/// names are skipped and listed in the report. On failure the error says which regions' memory
+/// was written ([`GuestMemoryState`]); validation failures always leave memory untouched.
+pub fn restore(
+    path: &Path,
+    regions: &mut [RestoreRegion<'_>],
+    opts: &RestoreOptions,
+    progress: Option<ProgressFn<'_>>,
+) -> Result<RestoreReport, RestoreError> {
+    let started = Instant::now();
+    let page_size = check_options(regions, opts)?;
+    let snap = open_snapshot(path, opts.offset)?;
+    let mut open = |probe: Option<u64>| {
+        open_channels(path, false, opts.channels, opts.direct_io, probe)
+            .map(|(fds, direct, fallback)| (Channels::Owned(fds), direct, fallback))
+            .map_err(|e| match e {
+                ChannelOpenError::Refused(r) => RestoreErrorKind::DirectIoRefused {
+                    path: path.to_path_buf(),
+                    filesystem: r.filesystem,
+                    source: r.source,
+                },
+                ChannelOpenError::Io(f) => RestoreErrorKind::Io(f),
+            })
+    };
+    restore_engine(
+        &snap.info, path, page_size, started, regions, opts, progress, &mut open,
+    )
+}
+
+/// Restores from two descriptors the caller opened on the same snapshot — QEMU's fdset
+/// model: `main` (buffered) is used for the stream, headers and bitmaps, `data` for page data
+/// and may have `O_DIRECT` (read from its status flags). All channel threads share `data`.
+pub fn restore_from_fds(
+    main: BorrowedFd<'_>,
+    data: BorrowedFd<'_>,
+    regions: &mut [RestoreRegion<'_>],
+    opts: &RestoreOptions,
+    progress: Option<ProgressFn<'_>>,
+) -> Result<RestoreReport, RestoreError> {
+    let started = Instant::now();
+    let page_size = check_options(regions, opts)?;
+    let label = PathBuf::from(format!("fd {}", main.as_raw_fd()));
+    let info = crate::inspect::read_structure(main, &label, opts.offset)?;
+    let direct = rustix::fs::fcntl_getfl(data)
+        .map(|f| f.contains(rustix::fs::OFlags::DIRECT))
+        .unwrap_or(false);
+    let mut open = |_probe: Option<u64>| Ok((Channels::Shared(data, opts.channels), direct, None));
+    restore_engine(
+        &info, &label, page_size, started, regions, opts, progress, &mut open,
+    )
+}
+
+/// Channel descriptors: opened by path, or one caller-provided descriptor shared by all.
+enum Channels<'a> {
+    Owned(Vec<OwnedFd>),
+    Shared(BorrowedFd<'a>, usize),
+}
+
+impl Channels<'_> {
+    fn fds(&self) -> Vec<BorrowedFd<'_>> {
+        match self {
+            Channels::Owned(v) => v.iter().map(|f| f.as_fd()).collect(),
+            Channels::Shared(fd, n) => vec![*fd; *n],
+        }
+    }
+}
+
+type OpenChannels<'o> =
+    dyn FnMut(Option<u64>) -> Result<(Channels<'o>, bool, Option<String>), RestoreErrorKind> + 'o;
+
+#[allow(clippy::too_many_arguments)]
+fn restore_engine<'o>(
+    info: &SnapshotInfo,
+    path: &Path,
+    page_size: u64,
+    started: Instant,
+    regions: &mut [RestoreRegion<'_>],
+    opts: &RestoreOptions,
+    mut progress: Option<ProgressFn<'_>>,
+    open: &mut OpenChannels<'o>,
+) -> Result<RestoreReport, RestoreError> {
     // Match regions to blocks before touching anything.
     let mut chosen: Vec<&BlockInfo> = Vec::with_capacity(regions.len());
     for region in regions.iter() {
@@ -189,15 +265,8 @@ pub fn restore(
         .iter()
         .find(|l| !l.is_empty() && l.length >= page_size)
         .map(|l| l.pages_offset);
-    let (fds, direct, fallback) = open_channels(path, false, opts.channels, opts.direct_io, probe)
-        .map_err(|e| match e {
-            ChannelOpenError::Refused(r) => RestoreErrorKind::DirectIoRefused {
-                path: path.to_path_buf(),
-                filesystem: r.filesystem,
-                source: r.source,
-            },
-            ChannelOpenError::Io(f) => RestoreErrorKind::Io(f),
-        })?;
+    let (channels, direct, fallback) = open(probe)?;
+    let fds = channels.fds();
     let queue = WorkQueue::new(&layouts, opts.chunk_bytes)
         .map_err(|e| RestoreErrorKind::Options(e.to_string()))?;
 
@@ -241,7 +310,7 @@ pub fn restore(
             .iter()
             .map(|fd| {
                 let ctx = &ctx;
-                s.spawn(move || ctx.run(fd))
+                s.spawn(move || ctx.run(*fd))
             })
             .collect();
         while handles.iter().any(|h| !h.is_finished()) {
@@ -329,7 +398,7 @@ struct ChannelCtx<'a, 'm> {
 }
 
 impl ChannelCtx<'_, '_> {
-    fn run(&self, fd: &OwnedFd) {
+    fn run(&self, fd: BorrowedFd<'_>) {
         let mut bounce: Option<AlignedBuf> = None;
         while let Some(chunk) = self.queue.claim() {
             if let Err(e) = self.chunk(fd, &chunk, &mut bounce) {
@@ -343,7 +412,7 @@ impl ChannelCtx<'_, '_> {
 
     fn chunk(
         &self,
-        fd: &OwnedFd,
+        fd: BorrowedFd<'_>,
         chunk: &Chunk,
         bounce: &mut Option<AlignedBuf>,
     ) -> Result<(), RestoreErrorKind> {
@@ -378,10 +447,9 @@ impl ChannelCtx<'_, '_> {
                 let buf =
                     bounce.get_or_insert_with(|| AlignedBuf::new(self.policy.max_io as usize));
                 let tmp = &mut buf.as_mut_slice()[..dst.len()];
-                file::preadv_exact(fd.as_fd(), tmp, ext.file_offset)
-                    .map(|()| dst.copy_from_slice(tmp))
+                file::preadv_exact(fd, tmp, ext.file_offset).map(|()| dst.copy_from_slice(tmp))
             } else {
-                file::preadv_exact(fd.as_fd(), dst, ext.file_offset)
+                file::preadv_exact(fd, dst, ext.file_offset)
             };
             match read {
                 Ok(()) => {

@@ -11,7 +11,7 @@
 //!   on. Channel threads claim 1 MiB chunks from the core's [`WorkQueue`], detect zero pages
 //!   themselves and `pwritev` large extents straight from guest memory.
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -344,24 +344,8 @@ fn remove_stale_temporaries(target: &Path, prefix: &str) -> Vec<PathBuf> {
     removed
 }
 
-/// Saves `regions` to `path` in QEMU's mapped-ram format.
-///
-/// ```no_run
-/// use mapped_ram_linux::{save, SaveOptions, SaveRegion};
-///
-/// let ram = vec![0u8; 64 << 20];
-/// let regions = [SaveRegion { name: "pc.ram", memory: &ram, page_size: 4096 }];
-/// let report = save("/var/lib/vm/guest.mr".as_ref(), &regions, &SaveOptions::default(), None)?;
-/// println!("{:.2} GiB/s", report.gib_per_second());
-/// # Ok::<(), mapped_ram_linux::SaveError>(())
-/// ```
-pub fn save(
-    path: &Path,
-    regions: &[SaveRegion<'_>],
-    opts: &SaveOptions,
-    mut progress: Option<ProgressFn<'_>>,
-) -> Result<SaveReport, SaveError> {
-    let started = Instant::now();
+/// Checks the options and regions and lays out the file; returns the plan and page size.
+fn prepare(regions: &[SaveRegion<'_>], opts: &SaveOptions) -> Result<(Plan, u64), SaveError> {
     if opts.channels == 0 || opts.channels > 255 {
         return Err(SaveError::Options(format!(
             "channels must be between 1 and 255, not {}",
@@ -390,8 +374,33 @@ pub fn save(
         opts.offset,
         opts.device_state.as_deref(),
     )?;
-    let cancelled = || opts.cancel.as_ref().is_some_and(Cancel::is_cancelled);
+    Ok((plan, page_size))
+}
 
+/// Saves `regions` to `path` in QEMU's mapped-ram format.
+///
+/// The snapshot is written to a temporary file beside `path` (a buffered main descriptor for
+/// the stream, headers and bitmaps, plus one descriptor per channel opened by path, with
+/// `O_DIRECT` as [`SaveOptions::direct_io`] says), synced, and renamed over `path`; the
+/// directory is synced too. Until the rename the previous file at `path` is untouched.
+///
+/// ```no_run
+/// use mapped_ram_linux::{save, SaveOptions, SaveRegion};
+///
+/// let ram = vec![0u8; 64 << 20];
+/// let regions = [SaveRegion { name: "pc.ram", memory: &ram, page_size: 4096 }];
+/// let report = save("/var/lib/vm/guest.mr".as_ref(), &regions, &SaveOptions::default(), None)?;
+/// println!("{:.2} GiB/s", report.gib_per_second());
+/// # Ok::<(), mapped_ram_linux::SaveError>(())
+/// ```
+pub fn save(
+    path: &Path,
+    regions: &[SaveRegion<'_>],
+    opts: &SaveOptions,
+    progress: Option<ProgressFn<'_>>,
+) -> Result<SaveReport, SaveError> {
+    let started = Instant::now();
+    let (plan, page_size) = prepare(regions, opts)?;
     let (tmp_path, prefix) = temp_name(path);
     let stale_temporaries_removed = remove_stale_temporaries(path, &prefix);
     let main = file::open(
@@ -404,27 +413,10 @@ pub fn save(
         path: tmp_path.clone(),
         committed: false,
     };
-    let io = |op: Op, offset: Option<u64>| {
-        let p = tmp_path.clone();
-        move |e: std::io::Error| SaveError::Io(IoFailure::new(op, p, offset, e))
-    };
-
     // The prefix of `file:PATH,offset=N` belongs to someone else: keep the target's bytes.
     if opts.offset > 0 {
         copy_prefix(path, main.as_fd(), opts.offset, &tmp_path)?;
     }
-    let file_size = plan.file_size();
-    file::set_len(main.as_fd(), file_size).map_err(io(Op::Truncate, Some(file_size)))?;
-    file::write_all_at(main.as_fd(), &plan.head, opts.offset)
-        .map_err(io(Op::WriteStream, Some(opts.offset)))?;
-    for (layout, record) in plan.layouts.iter().zip(&plan.records) {
-        file::write_all_at(main.as_fd(), record, layout.record_offset)
-            .map_err(io(Op::WriteStream, Some(layout.record_offset)))?;
-    }
-    file::write_all_at(main.as_fd(), &plan.tail, plan.device_stream_start)
-        .map_err(io(Op::WriteStream, Some(plan.device_stream_start)))?;
-
-    // Channel descriptors, each opened by path.
     let probe = plan
         .layouts
         .iter()
@@ -441,8 +433,105 @@ pub fn save(
                 ChannelOpenError::Io(f) => SaveError::Io(f),
             },
         )?;
+    let channel_fds: Vec<BorrowedFd<'_>> = fds.iter().map(|f| f.as_fd()).collect();
+    let mut report = write_snapshot(
+        main.as_fd(),
+        &channel_fds,
+        direct,
+        &tmp_path,
+        &plan,
+        page_size,
+        regions,
+        opts,
+        progress,
+    )?;
+    drop(fds);
+    drop(main);
+    if opts.cancel.as_ref().is_some_and(Cancel::is_cancelled) {
+        return Err(SaveError::Cancelled);
+    }
+    std::fs::rename(&tmp_path, path)
+        .map_err(|e| SaveError::Io(IoFailure::new(Op::Rename, path, None, e)))?;
+    temp.committed = true;
+    if opts.fsync {
+        let dir = parent_dir(path);
+        file::fsync_dir(&dir)
+            .map_err(|e| SaveError::Io(IoFailure::new(Op::SyncDir, dir, None, e)))?;
+    }
+    report.path = path.to_path_buf();
+    report.direct_io_fallback = fallback;
+    report.stale_temporaries_removed = stale_temporaries_removed;
+    report.seconds = started.elapsed().as_secs_f64();
+    Ok(report)
+}
 
-    // Channel work.
+/// Saves `regions` through two descriptors the caller opened on the same file — QEMU's fdset
+/// model: `main` (buffered, writable) carries the stream, headers and bitmaps; `data` carries
+/// the page data and may have `O_DIRECT` (whether it does is read from its status flags).
+/// They must be opened separately, not `dup`ed: `dup`ed descriptors share their status flags.
+///
+/// The file is written in place: it is truncated to [`SaveOptions::offset`] first (leaving
+/// the prefix) and its previous contents are lost. All channel threads share `data`.
+pub fn save_to_fds(
+    main: BorrowedFd<'_>,
+    data: BorrowedFd<'_>,
+    regions: &[SaveRegion<'_>],
+    opts: &SaveOptions,
+    progress: Option<ProgressFn<'_>>,
+) -> Result<SaveReport, SaveError> {
+    let started = Instant::now();
+    let (plan, page_size) = prepare(regions, opts)?;
+    let label = PathBuf::from(format!("fd {}", main.as_raw_fd()));
+    let direct = rustix::fs::fcntl_getfl(data)
+        .map(|f| f.contains(OFlags::DIRECT))
+        .unwrap_or(false);
+    file::set_len(main, opts.offset)
+        .map_err(|e| IoFailure::new(Op::Truncate, &label, Some(opts.offset), e))?;
+    let channel_fds = vec![data; opts.channels];
+    let mut report = write_snapshot(
+        main,
+        &channel_fds,
+        direct,
+        &label,
+        &plan,
+        page_size,
+        regions,
+        opts,
+        progress,
+    )?;
+    report.seconds = started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// The engine: writes the stream head, block records and tail through `main`, runs one
+/// channel thread per entry of `channel_fds`, writes the bitmaps and syncs.
+#[allow(clippy::too_many_arguments)]
+fn write_snapshot(
+    main: BorrowedFd<'_>,
+    channel_fds: &[BorrowedFd<'_>],
+    direct: bool,
+    path: &Path,
+    plan: &Plan,
+    page_size: u64,
+    regions: &[SaveRegion<'_>],
+    opts: &SaveOptions,
+    mut progress: Option<ProgressFn<'_>>,
+) -> Result<SaveReport, SaveError> {
+    let io = |op: Op, offset: Option<u64>| {
+        move |e: std::io::Error| SaveError::Io(IoFailure::new(op, path, offset, e))
+    };
+    let cancelled = || opts.cancel.as_ref().is_some_and(Cancel::is_cancelled);
+    let file_size = plan.file_size();
+    file::set_len(main, file_size).map_err(io(Op::Truncate, Some(file_size)))?;
+    file::write_all_at(main, &plan.head, opts.offset)
+        .map_err(io(Op::WriteStream, Some(opts.offset)))?;
+    for (layout, record) in plan.layouts.iter().zip(&plan.records) {
+        file::write_all_at(main, record, layout.record_offset)
+            .map_err(io(Op::WriteStream, Some(layout.record_offset)))?;
+    }
+    file::write_all_at(main, &plan.tail, plan.device_stream_start)
+        .map_err(io(Op::WriteStream, Some(plan.device_stream_start)))?;
+
     let bitmaps: Vec<Vec<AtomicU64>> = plan
         .layouts
         .iter()
@@ -457,7 +546,7 @@ pub fn save(
     };
     let counters = Counters::default();
     let failure: Mutex<Option<SaveError>> = Mutex::new(None);
-    let total: u64 = blocks.iter().map(|(_, l)| *l).sum();
+    let total: u64 = plan.layouts.iter().map(|l| l.length).sum();
     let ctx = ChannelCtx {
         regions,
         layouts: &plan.layouts,
@@ -466,16 +555,17 @@ pub fn save(
         policy: &policy,
         counters: &counters,
         failure: &failure,
-        path: &tmp_path,
+        path,
         direct,
         page_size,
         cancel: opts.cancel.as_ref(),
     };
     std::thread::scope(|s| {
-        let handles: Vec<_> = fds
+        let handles: Vec<_> = channel_fds
             .iter()
             .map(|fd| {
                 let ctx = &ctx;
+                let fd = *fd;
                 s.spawn(move || ctx.run(fd))
             })
             .collect();
@@ -492,7 +582,6 @@ pub fn save(
             std::thread::sleep(Duration::from_millis(20));
         }
     });
-    drop(fds);
     if let Some(err) = failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
         return Err(err);
     }
@@ -513,23 +602,11 @@ pub fn save(
             .unwrap_or(0);
         let mut bytes = vec![0u8; snap.len() * 8];
         bitmap::encode_le(&snap, &mut bytes).map_err(|e| SaveError::Options(e.to_string()))?;
-        file::write_all_at(main.as_fd(), &bytes, layout.bitmap_offset)
+        file::write_all_at(main, &bytes, layout.bitmap_offset)
             .map_err(io(Op::WriteBitmap, Some(layout.bitmap_offset)))?;
     }
     if opts.fsync {
-        file::fdatasync(main.as_fd()).map_err(io(Op::Sync, None))?;
-    }
-    drop(main);
-    if cancelled() {
-        return Err(SaveError::Cancelled);
-    }
-    std::fs::rename(&tmp_path, path)
-        .map_err(|e| SaveError::Io(IoFailure::new(Op::Rename, path, None, e)))?;
-    temp.committed = true;
-    if opts.fsync {
-        let dir = parent_dir(path);
-        file::fsync_dir(&dir)
-            .map_err(|e| SaveError::Io(IoFailure::new(Op::SyncDir, dir, None, e)))?;
+        file::fdatasync(main).map_err(io(Op::Sync, None))?;
     }
     if let Some(cb) = progress.as_mut() {
         cb(Progress { done: total, total });
@@ -543,12 +620,12 @@ pub fn save(
         pages_stored,
         zero_pages: pages - pages_stored,
         writes: counters.writes.load(Ordering::Relaxed),
-        seconds: started.elapsed().as_secs_f64(),
+        seconds: 0.0,
         direct_io: direct,
-        direct_io_fallback: fallback,
-        channels: opts.channels,
+        direct_io_fallback: None,
+        channels: channel_fds.len(),
         file_size,
-        stale_temporaries_removed,
+        stale_temporaries_removed: Vec::new(),
     })
 }
 
@@ -642,8 +719,8 @@ struct ChannelCtx<'a> {
 }
 
 impl ChannelCtx<'_> {
-    fn run(&self, fd: &OwnedFd) {
-        let chunk_pages = self.policy.max_io / self.page_size;
+    fn run(&self, fd: BorrowedFd<'_>) {
+        let chunk_pages = self.queue.chunk_pages();
         let mut zero_words = vec![0u64; chunk_pages.div_ceil(64) as usize];
         let mut bounce: Option<AlignedBuf> = None;
         while let Some(chunk) = self.queue.claim() {
@@ -662,7 +739,7 @@ impl ChannelCtx<'_> {
 
     fn chunk(
         &self,
-        fd: &OwnedFd,
+        fd: BorrowedFd<'_>,
         chunk: &Chunk,
         zero_words: &mut [u64],
         bounce: &mut Option<AlignedBuf>,
@@ -697,9 +774,9 @@ impl ChannelCtx<'_> {
                     bounce.get_or_insert_with(|| AlignedBuf::new(self.policy.max_io as usize));
                 let dst = &mut buf.as_mut_slice()[..data.len()];
                 dst.copy_from_slice(data);
-                file::pwritev_all(fd.as_fd(), dst, ext.file_offset)
+                file::pwritev_all(fd, dst, ext.file_offset)
             } else {
-                file::pwritev_all(fd.as_fd(), data, ext.file_offset)
+                file::pwritev_all(fd, data, ext.file_offset)
             };
             if let Err(e) = write {
                 result = Err(SaveError::Io(IoFailure::new(

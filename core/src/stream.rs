@@ -1138,14 +1138,14 @@ impl<S: ByteSource> Decoder<S> {
 
     /// Reads the file header and the configuration section (with its `configuration/*`
     /// subsections).
-    pub fn read_config(&mut self) -> DResult<Config, S::Error> {
+    pub fn read_config(&mut self) -> Result<Config, DecodeError<S::Error>> {
         self.expect_state(State::Start, "read_config")?;
         let r = self.read_config_inner();
         self.settle(r, State::Configured)
     }
 
     /// Reads the RAM SECTION_START record and its `MEM_SIZE` word.
-    pub fn read_ram_start(&mut self) -> DResult<RamStart, S::Error> {
+    pub fn read_ram_start(&mut self) -> Result<RamStart, DecodeError<S::Error>> {
         self.expect_state(State::Configured, "read_ram_start")?;
         let r = self.read_ram_start_inner();
         self.settle(r, State::InRam)
@@ -1153,7 +1153,7 @@ impl<S: ByteSource> Decoder<S> {
 
     /// Reads the next block record and moves past its region; `None` once the blocks cover
     /// the `MEM_SIZE` total.
-    pub fn next_block(&mut self) -> DResult<Option<BlockRecord>, S::Error> {
+    pub fn next_block(&mut self) -> Result<Option<BlockRecord>, DecodeError<S::Error>> {
         self.expect_state(State::InRam, "next_block")?;
         let r = self.next_block_inner();
         self.settle(r, State::InRam)
@@ -1161,7 +1161,7 @@ impl<S: ByteSource> Decoder<S> {
 
     /// Reads what follows the blocks (skipping any block not yet read): the RAM setup `EOS`
     /// and footer, RAM PART sections and commands, and the RAM END section.
-    pub fn finish(&mut self) -> DResult<Tail, S::Error> {
+    pub fn finish(&mut self) -> Result<Tail, DecodeError<S::Error>> {
         self.expect_state(State::InRam, "finish")?;
         let r = self.finish_inner();
         self.settle(r, State::Done)

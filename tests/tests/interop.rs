@@ -163,10 +163,7 @@ fn check_decoder_on_qemu_file(
         .iter()
         .map(|b| (b.name.as_str(), b.used))
         .collect();
-    let decoded: Vec<(&str, u64)> = records
-        .iter()
-        .map(|(n, l, _)| (n.as_str(), *l))
-        .collect();
+    let decoded: Vec<(&str, u64)> = records.iter().map(|(n, l, _)| (n.as_str(), *l)).collect();
     assert_eq!(decoded, reported, "{what}: decode_file block list");
     assert_eq!(fi.blocks as usize, reported.len(), "{what}: block count");
     assert_eq!(
@@ -259,7 +256,10 @@ fn check_decoder_on_qemu_file(
             for bit in 0..64u64 {
                 if word >> bit & 1 == 1 {
                     let page = w as u64 * 64 + bit;
-                    assert!(page < pages, "{what}: {name}: bit {page} beyond {pages} pages");
+                    assert!(
+                        page < pages,
+                        "{what}: {name}: bit {page} beyond {pages} pages"
+                    );
                     set += 1;
                 }
             }
@@ -272,7 +272,10 @@ fn check_decoder_on_qemu_file(
         // QEMU leaves exactly the zero pages out.
         let data = expected.iter().find(|(n, _)| n == name).unwrap().1;
         let nonzero = pages - count_zero_pages(data) as u64;
-        assert_eq!(set, nonzero, "{what}: {name}: stored pages vs non-zero pages");
+        assert_eq!(
+            set, nonzero,
+            "{what}: {name}: stored pages vs non-zero pages"
+        );
     }
     info
 }
@@ -379,7 +382,10 @@ fn qemu_to_us(c: QemuToUs) {
     }
     if let Some(off) = c.offset {
         let f = std::fs::read(&out).unwrap();
-        assert!(f[..off as usize].iter().all(|&b| b == b'Q'), "prefix changed");
+        assert!(
+            f[..off as usize].iter().all(|&b| b == b'Q'),
+            "prefix changed"
+        );
     }
     eprintln!(
         "{}: {} block(s) restored with {} channel(s), direct-io {} (requested {:?}), {:.3} s restore, {:?} total",
@@ -599,17 +605,29 @@ fn us_to_qemu(c: UsToQemu) {
         .unwrap_or_else(|e| panic!("{}: QEMU failed to load our file: {e}", c.name));
     assert_eq!(loaded.query_migrate["status"], "completed");
     let ram = ok("reading the destination RAM", loaded.ram.read());
-    assert_same(&format!("{}: guest RAM loaded by QEMU", c.name), &image_b, &ram);
+    assert_same(
+        &format!("{}: guest RAM loaded by QEMU", c.name),
+        &image_b,
+        &ram,
+    );
     for (name, data) in blocks.iter().filter(|(n, _)| n != MAIN_RAM_BLOCK) {
         let got = loaded
             .block_contents
             .get(name)
             .unwrap_or_else(|| panic!("{}: destination has no block {name}", c.name));
-        assert_same(&format!("{}: block {name} loaded by QEMU", c.name), data, got);
+        assert_same(
+            &format!("{}: block {name} loaded by QEMU", c.name),
+            data,
+            got,
+        );
     }
     if c.offset.is_some() {
         let f = std::fs::read(&ours).unwrap();
-        assert!(f[..offset as usize] == prefix[..], "{}: prefix changed", c.name);
+        assert!(
+            f[..offset as usize] == prefix[..],
+            "{}: prefix changed",
+            c.name
+        );
     }
     eprintln!(
         "{}: our save {:.3} s ({} channels, direct-io), QEMU load {:?} (multifd {:?}), {:?} total",
@@ -728,14 +746,16 @@ fn direct_writes(log: &str) -> (usize, Vec<DirectWrite>) {
         let args = args.trim_end().trim_end_matches(')');
         let first_arg = args.split(',').next().unwrap_or("").trim();
         match name {
-            "open" | "openat" | "openat2" | "creat" => {
-                if ret >= 0 {
-                    if args.contains("O_DIRECT") {
-                        direct.insert(ret);
-                        opened += 1;
-                    } else {
-                        direct.remove(&ret);
-                    }
+            "open" | "openat" | "openat2" | "creat" if ret >= 0 => {
+                // Exact flag match: O_DIRECTORY contains "O_DIRECT".
+                let o_direct = args
+                    .split(|c: char| c == '|' || c == ',' || c.is_whitespace())
+                    .any(|flag| flag == "O_DIRECT");
+                if o_direct {
+                    direct.insert(ret);
+                    opened += 1;
+                } else {
+                    direct.remove(&ret);
                 }
             }
             "close" => {
@@ -886,13 +906,20 @@ fn cli_direct_io_write_sizes_under_strace() {
 
     let log = std::fs::read_to_string(&our_log).unwrap();
     let (opened, ours_w) = direct_writes(&log);
-    let ours_line = describe("mapped-ram save (2 channels, direct-io on)", opened, &ours_w);
+    let ours_line = describe(
+        "mapped-ram save (2 channels, direct-io on)",
+        opened,
+        &ours_w,
+    );
     eprintln!(
         "{ours_line}; {zeros} of {} pages zero; {cli_time:?} under strace",
         STRACE_RAM / PS
     );
     assert_eq!(opened, 2, "expected 2 O_DIRECT channel descriptors\n{log}");
-    assert!(!ours_w.is_empty(), "no writes on O_DIRECT descriptors\n{log}");
+    assert!(
+        !ours_w.is_empty(),
+        "no writes on O_DIRECT descriptors\n{log}"
+    );
     for w in &ours_w {
         assert!(
             w.bytes % PS == 0 && w.offset % PS == 0 && w.offset >= MIB,
@@ -959,7 +986,11 @@ fn cli_direct_io_write_sizes_under_strace() {
     );
     let log = std::fs::read_to_string(&qemu_log).unwrap();
     let (q_opened, qemu_w) = direct_writes(&log);
-    let qemu_line = describe("QEMU 10.0 save (multifd 2, direct-io on)", q_opened, &qemu_w);
+    let qemu_line = describe(
+        "QEMU 10.0 save (multifd 2, direct-io on)",
+        q_opened,
+        &qemu_w,
+    );
     eprintln!("{qemu_line}; {:?} under strace", t.elapsed());
     assert!(q_opened >= 2, "QEMU opened {q_opened} O_DIRECT descriptors");
     assert!(!qemu_w.is_empty(), "no QEMU writes on O_DIRECT descriptors");
