@@ -9,6 +9,7 @@ use rustix::fs::{self as rfs, Mode, OFlags};
 use rustix::io::{Errno, IoSlice, IoSliceMut};
 
 use crate::error::{IoFailure, Op};
+use crate::fault::{self, Injected};
 use crate::sys::{AlignedBuf, DIRECT_IO_ALIGN};
 
 /// Whether page data bypasses the page cache (`O_DIRECT`).
@@ -40,15 +41,60 @@ pub(crate) fn io_err(e: Errno) -> io::Error {
     io::Error::from_raw_os_error(e.raw_os_error())
 }
 
+/// Fails with the injected error, if a fault is armed for `op` (see [`crate::fault`]).
+fn injected_failure(op: Op) -> io::Result<()> {
+    match fault::check(op) {
+        Some(Injected::Fail(e)) => Err(e),
+        Some(Injected::Interrupt) => Err(io::Error::from_raw_os_error(Errno::INTR.raw_os_error())),
+        _ => Ok(()),
+    }
+}
+
+/// What one attempt of a transfer loop should do after asking the fault hook.
+enum Attempt {
+    Go(usize),
+    Retry,
+}
+
+fn attempt(op: Op, len: usize) -> io::Result<Attempt> {
+    match fault::check(op) {
+        None => Ok(Attempt::Go(len)),
+        Some(Injected::Fail(e)) => Err(e),
+        Some(Injected::Short(n)) => Ok(Attempt::Go(len.min(n.max(1)))),
+        Some(Injected::Interrupt) => Ok(Attempt::Retry),
+    }
+}
+
 /// Opens `path` with `flags` (`open(2)`), close-on-exec.
 pub(crate) fn open(path: &Path, flags: OFlags, mode: u32) -> io::Result<OwnedFd> {
+    let op = if flags.contains(OFlags::DIRECT) {
+        Op::OpenDirect
+    } else {
+        Op::Open
+    };
+    injected_failure(op)?;
     rfs::open(path, flags | OFlags::CLOEXEC, Mode::from_raw_mode(mode)).map_err(io_err)
 }
 
-/// `pwrite(2)` all of `buf` at `offset`, retrying on `EINTR` and short writes.
-pub(crate) fn write_all_at(fd: BorrowedFd<'_>, mut buf: &[u8], mut offset: u64) -> io::Result<()> {
+/// `rename(2)` of `from` over `to`.
+pub(crate) fn rename(from: &Path, to: &Path) -> io::Result<()> {
+    injected_failure(Op::Rename)?;
+    std::fs::rename(from, to)
+}
+
+/// `pwrite(2)` all of `buf` at `offset`, retrying on `EINTR` and short writes; `op` names
+/// what is written (stream records or a bitmap).
+pub(crate) fn write_all_at(
+    fd: BorrowedFd<'_>,
+    mut buf: &[u8],
+    mut offset: u64,
+    op: Op,
+) -> io::Result<()> {
     while !buf.is_empty() {
-        match rustix::io::pwrite(fd, buf, offset) {
+        let Attempt::Go(len) = attempt(op, buf.len())? else {
+            continue;
+        };
+        match rustix::io::pwrite(fd, &buf[..len], offset) {
             Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero)),
             Ok(n) => {
                 buf = buf.get(n..).unwrap_or(&[]);
@@ -63,9 +109,13 @@ pub(crate) fn write_all_at(fd: BorrowedFd<'_>, mut buf: &[u8], mut offset: u64) 
 
 /// `pwritev(2)` all of `buf` at `offset` as one vector, retrying on `EINTR` and short writes.
 /// Page data goes through here straight from guest memory.
+/// One vector entry, so `IOV_MAX` is never a concern.
 pub(crate) fn pwritev_all(fd: BorrowedFd<'_>, mut buf: &[u8], mut offset: u64) -> io::Result<()> {
     while !buf.is_empty() {
-        match rustix::io::pwritev(fd, &[IoSlice::new(buf)], offset) {
+        let Attempt::Go(len) = attempt(Op::WritePages, buf.len())? else {
+            continue;
+        };
+        match rustix::io::pwritev(fd, &[IoSlice::new(&buf[..len])], offset) {
             Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero)),
             Ok(n) => {
                 buf = buf.get(n..).unwrap_or(&[]);
@@ -101,7 +151,10 @@ pub(crate) fn preadv_exact(
 /// `pread(2)` up to `buf.len()` bytes at `offset`, retrying `EINTR`; returns bytes read.
 pub(crate) fn pread_some(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> io::Result<usize> {
     loop {
-        match rustix::io::pread(fd, &mut *buf, offset) {
+        let Attempt::Go(len) = attempt(Op::ReadStream, buf.len())? else {
+            continue;
+        };
+        match rustix::io::pread(fd, &mut buf[..len], offset) {
             Ok(n) => return Ok(n),
             Err(Errno::INTR) => continue,
             Err(e) => return Err(io_err(e)),
@@ -197,7 +250,7 @@ pub(crate) fn open_channel(
     if let Some(offset) = probe_offset {
         let mut buf = AlignedBuf::new(DIRECT_IO_ALIGN);
         let probe = if write {
-            write_all_at(fd.as_fd(), buf.as_slice(), offset)
+            write_all_at(fd.as_fd(), buf.as_slice(), offset, Op::WritePages)
         } else {
             read_exact_at(fd.as_fd(), buf.as_mut_slice(), offset).or_else(|e| {
                 // A hole or the end of the file still proves that O_DIRECT reads work.
@@ -255,17 +308,20 @@ impl mapped_ram_core::stream::ByteSink for VecSink {
 
 /// Descriptor-level helpers used by the engines.
 pub(crate) fn fdatasync(fd: BorrowedFd<'_>) -> io::Result<()> {
+    injected_failure(Op::Sync)?;
     rfs::fdatasync(fd).map_err(io_err)
 }
 
 /// `fsync(2)` of a directory, making a rename in it durable.
 pub(crate) fn fsync_dir(dir: &Path) -> io::Result<()> {
+    injected_failure(Op::SyncDir)?;
     let fd = open(dir, OFlags::RDONLY | OFlags::DIRECTORY, 0)?;
     rfs::fsync(fd.as_fd()).map_err(io_err)
 }
 
 /// `ftruncate(2)`.
 pub(crate) fn set_len(fd: BorrowedFd<'_>, len: u64) -> io::Result<()> {
+    injected_failure(Op::Truncate)?;
     rfs::ftruncate(fd, len).map_err(io_err)
 }
 

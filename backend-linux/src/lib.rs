@@ -34,6 +34,7 @@
 #[cfg(feature = "cli")]
 pub mod cli;
 pub mod error;
+pub mod fault;
 pub mod file;
 pub mod inspect;
 pub mod progress;

@@ -450,7 +450,7 @@ pub fn save(
     if opts.cancel.as_ref().is_some_and(Cancel::is_cancelled) {
         return Err(SaveError::Cancelled);
     }
-    std::fs::rename(&tmp_path, path)
+    file::rename(&tmp_path, path)
         .map_err(|e| SaveError::Io(IoFailure::new(Op::Rename, path, None, e)))?;
     temp.committed = true;
     if opts.fsync {
@@ -523,13 +523,13 @@ fn write_snapshot(
     let cancelled = || opts.cancel.as_ref().is_some_and(Cancel::is_cancelled);
     let file_size = plan.file_size();
     file::set_len(main, file_size).map_err(io(Op::Truncate, Some(file_size)))?;
-    file::write_all_at(main, &plan.head, opts.offset)
+    file::write_all_at(main, &plan.head, opts.offset, Op::WriteStream)
         .map_err(io(Op::WriteStream, Some(opts.offset)))?;
     for (layout, record) in plan.layouts.iter().zip(&plan.records) {
-        file::write_all_at(main, record, layout.record_offset)
+        file::write_all_at(main, record, layout.record_offset, Op::WriteStream)
             .map_err(io(Op::WriteStream, Some(layout.record_offset)))?;
     }
-    file::write_all_at(main, &plan.tail, plan.device_stream_start)
+    file::write_all_at(main, &plan.tail, plan.device_stream_start, Op::WriteStream)
         .map_err(io(Op::WriteStream, Some(plan.device_stream_start)))?;
 
     let bitmaps: Vec<Vec<AtomicU64>> = plan
@@ -602,7 +602,7 @@ fn write_snapshot(
             .unwrap_or(0);
         let mut bytes = vec![0u8; snap.len() * 8];
         bitmap::encode_le(&snap, &mut bytes).map_err(|e| SaveError::Options(e.to_string()))?;
-        file::write_all_at(main, &bytes, layout.bitmap_offset)
+        file::write_all_at(main, &bytes, layout.bitmap_offset, Op::WriteBitmap)
             .map_err(io(Op::WriteBitmap, Some(layout.bitmap_offset)))?;
     }
     if opts.fsync {
@@ -649,7 +649,7 @@ fn copy_prefix(
         if n == 0 {
             break;
         }
-        file::write_all_at(main, &buf[..n], pos)
+        file::write_all_at(main, &buf[..n], pos, Op::WriteStream)
             .map_err(|e| IoFailure::new(Op::WriteStream, tmp, Some(pos), e))?;
         pos += n as u64;
     }
