@@ -128,6 +128,9 @@ pub struct SaveArgs {
     /// Skip fdatasync of the snapshot and fsync of its directory.
     #[arg(long)]
     pub no_fsync: bool,
+    /// Tuning: longest run of zero pages written inside one write instead of splitting it.
+    #[arg(long, value_name = "PAGES")]
+    pub write_gap_pages: Option<u64>,
 }
 
 /// Options shared by save and restore.
@@ -145,6 +148,9 @@ struct IoArgs {
     /// Target page size of the guest.
     #[arg(long, default_value = "4096", value_parser = parse_size)]
     page_size: u64,
+    /// Tuning: bytes of RAM per unit of channel work, and the largest single I/O.
+    #[arg(long, value_name = "BYTES", value_parser = parse_size)]
+    chunk_bytes: Option<u64>,
 }
 
 /// Arguments of `restore`.
@@ -157,6 +163,9 @@ pub struct RestoreArgs {
     pub ram: Vec<RamArg>,
     #[command(flatten)]
     common: IoArgs,
+    /// Tuning: longest run of clear-bit pages read inside one read (then zeroed).
+    #[arg(long, value_name = "PAGES")]
+    pub read_gap_pages: Option<u64>,
 }
 
 /// Arguments of `inspect`.
@@ -331,6 +340,10 @@ fn cmd_save(a: SaveArgs, json: bool) -> Result<Value, CliError> {
         device_state,
         offset: a.common.offset,
         fsync: !a.no_fsync,
+        chunk_bytes: a.common.chunk_bytes.unwrap_or(SaveOptions::default().chunk_bytes),
+        max_gap_pages: a
+            .write_gap_pages
+            .unwrap_or(SaveOptions::default().max_gap_pages),
         ..SaveOptions::default()
     };
     let bar = progress_bar(json, "save");
@@ -451,6 +464,13 @@ fn cmd_restore(a: RestoreArgs, json: bool) -> Result<Value, CliError> {
         direct_io: a.common.direct_io,
         offset: a.common.offset,
         memory_is_zeroed: all_fresh,
+        chunk_bytes: a
+            .common
+            .chunk_bytes
+            .unwrap_or(RestoreOptions::default().chunk_bytes),
+        max_gap_pages: a
+            .read_gap_pages
+            .unwrap_or(RestoreOptions::default().max_gap_pages),
         ..RestoreOptions::default()
     };
     let bar = progress_bar(json, "restore");
