@@ -169,19 +169,10 @@ impl<'a> BitmapRef<'a> {
 
     /// Number of set bits in `range` (clamped to the bitmap).
     pub fn count_ones_in(&self, range: Range<u64>) -> u64 {
-        let end = range.end.min(self.bits);
-        let mut pos = range.start;
-        let mut count = 0u64;
-        while pos < end {
-            let (w, _) = locate(pos);
-            let word = self.words.get(w).copied().unwrap_or(0);
-            let shift = pos % 64;
-            let take = 64u64.saturating_sub(shift).min(end.saturating_sub(pos));
-            let bits = (word >> shift) & low_mask(take);
-            count = count.saturating_add(u64::from(bits.count_ones()));
-            pos = pos.saturating_add(take);
-        }
-        count
+        word_masks(range.start..range.end.min(self.bits))
+            .map(|(w, mask)| self.words.get(w).copied().unwrap_or(0) & mask)
+            .map(|bits| u64::from(bits.count_ones()))
+            .fold(0u64, u64::saturating_add)
     }
 
     /// Index of the first bit at or after `from` whose value is `value`, if any.
@@ -217,6 +208,23 @@ impl<'a> BitmapRef<'a> {
             value,
         }
     }
+}
+
+/// The words a bit range touches, each with the mask of the range's bits in it.
+fn word_masks(range: Range<u64>) -> impl Iterator<Item = (usize, u64)> {
+    let mut pos = range.start;
+    core::iter::from_fn(move || {
+        if pos >= range.end {
+            return None;
+        }
+        let shift = pos % 64;
+        let take = 64u64
+            .saturating_sub(shift)
+            .min(range.end.saturating_sub(pos));
+        let (word, _) = locate(pos);
+        pos = pos.saturating_add(take);
+        Some((word, low_mask(take) << shift))
+    })
 }
 
 fn low_mask(bits: u64) -> u64 {
@@ -343,20 +351,17 @@ impl<'a> Bitmap<'a> {
                 bits: self.bits,
             });
         }
-        let mut pos = range.start;
-        while pos < range.end {
-            let shift = pos % 64;
-            let take = 64u64
-                .saturating_sub(shift)
-                .min(range.end.saturating_sub(pos));
-            let mask = low_mask(take) << shift;
-            let (word, _) = self.word_mut(pos)?;
+        let bits = self.bits;
+        for (w, mask) in word_masks(range) {
+            let word = self
+                .words
+                .get_mut(w)
+                .ok_or(BitmapError::OutOfRange { index: bits, bits })?;
             if value {
                 *word |= mask;
             } else {
                 *word &= !mask;
             }
-            pos = pos.saturating_add(take);
         }
         Ok(())
     }
@@ -402,16 +407,9 @@ impl<'a> AtomicBitmap<'a> {
                 bits: self.bits,
             });
         }
-        let mut pos = range.start;
-        while pos < range.end {
-            let shift = pos % 64;
-            let take = 64u64
-                .saturating_sub(shift)
-                .min(range.end.saturating_sub(pos));
-            let mask = low_mask(take) << shift;
-            let (w, _) = locate(pos);
+        for (w, mask) in word_masks(range) {
             let word = self.words.get(w).ok_or(BitmapError::OutOfRange {
-                index: pos,
+                index: self.bits,
                 bits: self.bits,
             })?;
             if value {
@@ -419,7 +417,6 @@ impl<'a> AtomicBitmap<'a> {
             } else {
                 word.fetch_and(!mask, Ordering::Relaxed);
             }
-            pos = pos.saturating_add(take);
         }
         Ok(())
     }

@@ -490,22 +490,9 @@ impl Planner {
 
     /// Places the next block (id string of `idstr_len` bytes, `length` bytes of RAM).
     pub fn push(&mut self, idstr_len: usize, length: u64) -> Result<BlockLayout, LayoutError> {
-        let pages = num_pages(length, self.page_size)?;
-        let record_offset = self.cursor;
-        let header_offset = record_offset
-            .checked_add(record_prefix_len(idstr_len, self.with_gpa)?)
-            .ok_or(LayoutError::Overflow {
-                what: "header offset",
-            })?;
-        let bitmap_offset =
-            header_offset
-                .checked_add(HEADER_SIZE_U64)
-                .ok_or(LayoutError::Overflow {
-                    what: "bitmap offset",
-                })?;
-        let bitmap_size = bitmap_size(pages);
-        let bitmap_end = bitmap_offset
-            .checked_add(bitmap_size)
+        let (mut layout, header_end) = self.record(idstr_len, length)?;
+        let bitmap_end = header_end
+            .checked_add(layout.bitmap_size)
             .ok_or(LayoutError::Overflow { what: "bitmap end" })?;
         let pages_offset =
             align_up(bitmap_end, FILE_OFFSET_ALIGNMENT).map_err(|_| LayoutError::Overflow {
@@ -514,23 +501,10 @@ impl Planner {
         let end = pages_offset
             .checked_add(length)
             .ok_or(LayoutError::Overflow { what: "pages end" })?;
-        let total = self
-            .total
-            .checked_add(length)
-            .ok_or(LayoutError::Overflow {
-                what: "total RAM size",
-            })?;
-        self.cursor = end;
-        self.total = total;
-        Ok(BlockLayout {
-            record_offset,
-            header_offset,
-            length,
-            page_size: self.page_size,
-            bitmap_offset,
-            bitmap_size,
-            pages_offset,
-        })
+        layout.bitmap_offset = header_end;
+        layout.pages_offset = pages_offset;
+        self.advance(end, length)?;
+        Ok(layout)
     }
 
     /// Places a block that has no data in the file (QEMU 11.0's layout for blocks skipped by
@@ -540,33 +514,45 @@ impl Planner {
         idstr_len: usize,
         length: u64,
     ) -> Result<BlockLayout, LayoutError> {
-        num_pages(length, self.page_size)?;
+        let (layout, header_end) = self.record(idstr_len, length)?;
+        self.advance(header_end, length)?;
+        Ok(layout)
+    }
+
+    /// The record and header of the next block, with 0/0 offsets, and where its header ends.
+    fn record(&self, idstr_len: usize, length: u64) -> Result<(BlockLayout, u64), LayoutError> {
+        let pages = num_pages(length, self.page_size)?;
         let record_offset = self.cursor;
         let header_offset = record_offset
             .checked_add(record_prefix_len(idstr_len, self.with_gpa)?)
             .ok_or(LayoutError::Overflow {
                 what: "header offset",
             })?;
-        let end = header_offset
+        let header_end = header_offset
             .checked_add(HEADER_SIZE_U64)
-            .ok_or(LayoutError::Overflow { what: "record end" })?;
-        let total = self
+            .ok_or(LayoutError::Overflow { what: "header end" })?;
+        let layout = BlockLayout {
+            record_offset,
+            header_offset,
+            length,
+            page_size: self.page_size,
+            bitmap_offset: 0,
+            bitmap_size: bitmap_size(pages),
+            pages_offset: 0,
+        };
+        Ok((layout, header_end))
+    }
+
+    /// Moves past a placed block: the next record goes at `end`.
+    fn advance(&mut self, end: u64, length: u64) -> Result<(), LayoutError> {
+        self.total = self
             .total
             .checked_add(length)
             .ok_or(LayoutError::Overflow {
                 what: "total RAM size",
             })?;
         self.cursor = end;
-        self.total = total;
-        Ok(BlockLayout {
-            record_offset,
-            header_offset,
-            length,
-            page_size: self.page_size,
-            bitmap_offset: 0,
-            bitmap_size: bitmap_size(length.checked_div(self.page_size).unwrap_or(0)),
-            pages_offset: 0,
-        })
+        Ok(())
     }
 
     /// Offset where the next block record — or, after the last block, the stream — goes.
