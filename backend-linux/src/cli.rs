@@ -131,6 +131,21 @@ pub struct SaveArgs {
     /// Tuning: longest run of zero pages written inside one write instead of splitting it.
     #[arg(long, value_name = "PAGES")]
     pub write_gap_pages: Option<u64>,
+    /// Update the existing snapshot FILE instead: compare every page of the RAM files with it
+    /// and write only the pages that differ, into a copy that replaces FILE atomically.
+    #[arg(long)]
+    pub update: bool,
+    /// Store a CRC-32C of every page (checked by `verify`), where QEMU does not look.
+    #[arg(long, default_value = "on", value_name = "on|off", value_parser = parse_on_off, action = clap::ArgAction::Set)]
+    pub checksums: bool,
+}
+
+fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(format!("expected on or off, not {s:?}")),
+    }
 }
 
 /// Options shared by save and restore.
@@ -166,6 +181,9 @@ pub struct RestoreArgs {
     /// Tuning: longest run of clear-bit pages read inside one read (then zeroed).
     #[arg(long, value_name = "PAGES")]
     pub read_gap_pages: Option<u64>,
+    /// Check every page read against its stored checksum (files saved with checksums).
+    #[arg(long)]
+    pub verify_checksums: bool,
 }
 
 /// Arguments of `inspect`.
@@ -340,12 +358,19 @@ fn cmd_save(a: SaveArgs, json: bool) -> Result<Value, CliError> {
         device_state,
         offset: a.common.offset,
         fsync: !a.no_fsync,
-        chunk_bytes: a.common.chunk_bytes.unwrap_or(SaveOptions::default().chunk_bytes),
+        chunk_bytes: a
+            .common
+            .chunk_bytes
+            .unwrap_or(SaveOptions::default().chunk_bytes),
         max_gap_pages: a
             .write_gap_pages
             .unwrap_or(SaveOptions::default().max_gap_pages),
+        checksums: a.checksums,
         ..SaveOptions::default()
     };
+    if a.update {
+        return crate::update::cli_save_update(&a.output, &regions, opts, json);
+    }
     let bar = progress_bar(json, "save");
     let mut cb = |p: Progress| {
         if let Some(b) = &bar {
@@ -401,6 +426,8 @@ fn save_json(r: &SaveReport) -> Value {
         "direct_io": r.direct_io,
         "direct_io_fallback": r.direct_io_fallback,
         "file_size": r.file_size,
+        "checksums": r.checksums,
+        "stale_temporaries_removed": r.stale_temporaries_removed,
     })
 }
 
@@ -415,6 +442,15 @@ fn cmd_restore(a: RestoreArgs, json: bool) -> Result<Value, CliError> {
                 ram.name,
                 a.file.display(),
                 names.join(", ")
+            )));
+        }
+    }
+    for ram in &a.ram {
+        if info.block(&ram.name).is_some_and(|b| b.layout.is_empty()) {
+            return Err(CliError(format!(
+                "block {:?} has no pages in the snapshot {} (a shared block skipped by x-ignore-shared): nothing to restore",
+                ram.name,
+                a.file.display()
             )));
         }
     }
@@ -471,6 +507,7 @@ fn cmd_restore(a: RestoreArgs, json: bool) -> Result<Value, CliError> {
         max_gap_pages: a
             .read_gap_pages
             .unwrap_or(RestoreOptions::default().max_gap_pages),
+        verify_checksums: a.verify_checksums,
         ..RestoreOptions::default()
     };
     let bar = progress_bar(json, "restore");
@@ -531,6 +568,7 @@ fn restore_json(r: &RestoreReport) -> Value {
         "direct_io": r.direct_io,
         "direct_io_fallback": r.direct_io_fallback,
         "machine": r.machine,
+        "checksums_verified": r.checksums_verified,
     })
 }
 
@@ -566,6 +604,13 @@ pub fn info_json(info: &SnapshotInfo) -> Value {
         "total_ram": info.total_ram,
         "device_stream_start": info.device_stream_start,
         "device_state_offset": info.device_state_offset,
+        "checksums": info.integrity.map(|i| json!({
+            "algorithm": "crc32c",
+            "anchor_offset": i.anchor_offset,
+            "table_offset": i.record.table_offset,
+            "table_len": i.record.table_len,
+            "footer_offset": i.footer_offset,
+        })),
         "blocks": blocks,
     })
 }
@@ -608,6 +653,13 @@ fn cmd_inspect(a: InspectArgs, json: bool) -> Result<Value, CliError> {
             );
         }
         println!("device state: at {:#x}", info.device_state_offset);
+        match &info.integrity {
+            Some(i) => println!(
+                "checksums:    crc32c per page, table at {:#x} ({} bytes), metadata checksum ok",
+                i.record.table_offset, i.record.table_len
+            ),
+            None => println!("checksums:    none"),
+        }
     }
     Ok(info_json(&info))
 }
@@ -640,16 +692,32 @@ fn cmd_verify(a: VerifyArgs, json: bool) -> Result<Value, CliError> {
             m.pages_differing
         )));
     }
+    if let Some(c) = report.corrupt.first() {
+        return Err(CliError(format!(
+            "{}: block {:?} page {} (file offset {:#x}) fails its checksum (stored {:#010x}, computed {:#010x}); {} page(s) of the block are bad",
+            a.file.display(),
+            c.block,
+            c.page,
+            c.file_offset,
+            c.expected,
+            c.actual,
+            c.pages_bad
+        )));
+    }
+    let sums = match report.pages_checksummed {
+        Some(n) => format!("; {n} page checksum(s) ok"),
+        None => "; no page checksums in the file".into(),
+    };
     if !json {
         if report.blocks_compared.is_empty() {
             println!(
-                "{}: structure ok ({} block(s))",
+                "{}: structure ok ({} block(s)){sums}",
                 a.file.display(),
                 report.info.blocks.len()
             );
         } else {
             println!(
-                "{}: structure ok; contents equal for {}",
+                "{}: structure ok; contents equal for {}{sums}",
                 a.file.display(),
                 report.blocks_compared.join(", ")
             );
@@ -659,6 +727,7 @@ fn cmd_verify(a: VerifyArgs, json: bool) -> Result<Value, CliError> {
         "ok": true,
         "command": "verify",
         "blocks_compared": report.blocks_compared,
+        "pages_checksummed": report.pages_checksummed,
         "snapshot": info_json(&report.info),
     }))
 }

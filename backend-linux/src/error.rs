@@ -41,6 +41,8 @@ pub enum Op {
     ReadDeviceState,
     /// Removing a stale temporary file.
     Remove,
+    /// `pwrite(2)` of the page checksum table or its records (see [`crate::integrity`]).
+    WriteChecksums,
 }
 
 impl fmt::Display for Op {
@@ -61,6 +63,7 @@ impl fmt::Display for Op {
             Op::Map => "mmap",
             Op::ReadDeviceState => "read of the device state",
             Op::Remove => "removal",
+            Op::WriteChecksums => "write of page checksums",
         })
     }
 }
@@ -266,6 +269,17 @@ pub enum FormatError {
         /// Offset of the second record.
         offset: u64,
     },
+    /// The page checksums' records or the metadata checksum do not match the file (see
+    /// [`crate::integrity`]): the file was damaged, truncated or changed after the save.
+    #[error("{path}: at offset {offset:#x}: {message}")]
+    Integrity {
+        /// The snapshot.
+        path: PathBuf,
+        /// Absolute offset of the record or range that failed.
+        offset: u64,
+        /// What failed.
+        message: String,
+    },
     /// Bits set past the block's last page.
     #[error(
         "{path}: block {block:?}: bitmap at {offset:#x} marks pages past the end of the block"
@@ -335,6 +349,23 @@ pub enum RestoreErrorKind {
     /// The options are invalid.
     #[error("invalid restore options: {0}")]
     Options(String),
+    /// A page read from the snapshot does not match its stored checksum
+    /// ([`crate::RestoreOptions::verify_checksums`]).
+    #[error("{path}: block {block:?} page {page} (file offset {file_offset:#x}) fails its checksum (stored {expected:#010x}, computed {actual:#010x}): the snapshot is damaged")]
+    Checksum {
+        /// The snapshot.
+        path: PathBuf,
+        /// The block.
+        block: String,
+        /// Page index within the block.
+        page: u64,
+        /// Absolute file offset of the page.
+        file_offset: u64,
+        /// The checksum stored in the file.
+        expected: u32,
+        /// The checksum of the bytes read.
+        actual: u32,
+    },
     /// The caller cancelled the restore.
     #[error("restore cancelled")]
     Cancelled,

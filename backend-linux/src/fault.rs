@@ -24,7 +24,10 @@ use crate::error::Op;
 /// What an injected fault does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FaultKind {
-    /// The operation fails with this `errno` (e.g. 5 `EIO`, 28 `ENOSPC`, 22 `EINVAL`).
+    /// The operation fails with this `errno` (e.g. 5 `EIO`, 28 `ENOSPC`, 22 `EINVAL`). The
+    /// wrapper treats it like the kernel's answer: `EINTR` (4) is retried, `EAGAIN` (11) is
+    /// retried a bounded number of times (see [`crate::file`]'s retry policy), anything else
+    /// fails the operation.
     Errno(i32),
     /// A read or write transfers at most this many bytes (a short transfer, not an error).
     Short(usize),
@@ -106,6 +109,17 @@ mod imp {
             .sum()
     }
 
+    /// How many `op` operations (attempts, retries included) the first fault armed for `op`
+    /// has seen: arm one with `count: 0` to count the calls of a clean run, then inject at
+    /// every `skip` below that number.
+    pub fn seen(op: Op) -> u64 {
+        table()
+            .iter()
+            .find(|a| a.fault.op == op)
+            .map(|a| a.seen)
+            .unwrap_or(0)
+    }
+
     pub(crate) fn check(op: Op) -> Option<Injected> {
         if !ARMED.load(Ordering::Relaxed) {
             return None;
@@ -127,7 +141,7 @@ mod imp {
 }
 
 #[cfg(feature = "fault-injection")]
-pub use imp::{clear, fired, inject, serial};
+pub use imp::{clear, fired, inject, seen, serial};
 
 #[cfg(feature = "fault-injection")]
 pub(crate) use imp::check;

@@ -1,5 +1,18 @@
 //! File-level I/O over rustix: opening with or without `O_DIRECT`, positional reads and
 //! writes that survive short transfers and `EINTR`, and naming the file system.
+//!
+//! # Retry policy
+//!
+//! * A short read or write is continued from where it stopped, as often as it takes (each
+//!   round moves at least one byte, or the end of the file / a zero-length write ends it).
+//! * `EINTR` is retried at once, without limit: it means a signal arrived before the call did
+//!   anything, so retrying is always correct.
+//! * `EAGAIN` (`EWOULDBLOCK`) is retried at most [`EAGAIN_RETRIES`] times with an exponential
+//!   back-off starting at 1 ms (about 0.5 s in all), then reported as the failure of the
+//!   operation. Regular files never return it for blocking descriptors; some network and FUSE
+//!   file systems do under pressure, and a transient condition deserves a short wait — but a
+//!   persistent one must not hang a save or restore.
+//! * Every other error fails the operation at once, naming it ([`Op`]), the path and the offset.
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -41,27 +54,58 @@ pub(crate) fn io_err(e: Errno) -> io::Error {
     io::Error::from_raw_os_error(e.raw_os_error())
 }
 
-/// Fails with the injected error, if a fault is armed for `op` (see [`crate::fault`]).
-fn injected_failure(op: Op) -> io::Result<()> {
-    match fault::check(op) {
-        Some(Injected::Fail(e)) => Err(e),
-        Some(Injected::Interrupt) => Err(io::Error::from_raw_os_error(Errno::INTR.raw_os_error())),
-        _ => Ok(()),
+/// How many times `EAGAIN` is retried before it fails the operation (see the module docs).
+pub const EAGAIN_RETRIES: u32 = 9;
+
+/// Counts `EAGAIN` retries of one operation and decides whether an error is retried.
+#[derive(Default)]
+struct Retry {
+    again: u32,
+}
+
+impl Retry {
+    /// `true` if the operation should be tried again after `e` (having waited, for `EAGAIN`).
+    fn again(&mut self, e: &io::Error) -> bool {
+        match e.raw_os_error() {
+            Some(code) if code == Errno::INTR.raw_os_error() => true,
+            Some(code) if code == Errno::AGAIN.raw_os_error() && self.again < EAGAIN_RETRIES => {
+                std::thread::sleep(std::time::Duration::from_millis(1 << self.again));
+                self.again += 1;
+                true
+            }
+            _ => false,
+        }
     }
 }
 
-/// What one attempt of a transfer loop should do after asking the fault hook.
-enum Attempt {
-    Go(usize),
-    Retry,
+/// Runs a non-transfer system call (`open`, `rename`, `fdatasync`, ...) under the retry
+/// policy, asking the fault hook for `op` before each attempt.
+fn retrying<T>(op: Op, mut call: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+    let mut retry = Retry::default();
+    loop {
+        let result = match fault::check(op) {
+            Some(Injected::Fail(e)) => Err(e),
+            Some(Injected::Interrupt) => {
+                Err(io::Error::from_raw_os_error(Errno::INTR.raw_os_error()))
+            }
+            Some(Injected::Short(_)) | None => call(),
+        };
+        match result {
+            Ok(v) => return Ok(v),
+            Err(e) if retry.again(&e) => continue,
+            Err(e) => return Err(e),
+        }
+    }
 }
 
-fn attempt(op: Op, len: usize) -> io::Result<Attempt> {
+/// What one attempt of a transfer loop should do after asking the fault hook: go on with at
+/// most this many bytes, or fail with an (injected) error that the retry policy judges.
+fn attempt(op: Op, len: usize) -> Result<usize, io::Error> {
     match fault::check(op) {
-        None => Ok(Attempt::Go(len)),
+        None => Ok(len),
         Some(Injected::Fail(e)) => Err(e),
-        Some(Injected::Short(n)) => Ok(Attempt::Go(len.min(n.max(1)))),
-        Some(Injected::Interrupt) => Ok(Attempt::Retry),
+        Some(Injected::Short(n)) => Ok(len.min(n.max(1))),
+        Some(Injected::Interrupt) => Err(io::Error::from_raw_os_error(Errno::INTR.raw_os_error())),
     }
 }
 
@@ -72,14 +116,14 @@ pub(crate) fn open(path: &Path, flags: OFlags, mode: u32) -> io::Result<OwnedFd>
     } else {
         Op::Open
     };
-    injected_failure(op)?;
-    rfs::open(path, flags | OFlags::CLOEXEC, Mode::from_raw_mode(mode)).map_err(io_err)
+    retrying(op, || {
+        rfs::open(path, flags | OFlags::CLOEXEC, Mode::from_raw_mode(mode)).map_err(io_err)
+    })
 }
 
 /// `rename(2)` of `from` over `to`.
 pub(crate) fn rename(from: &Path, to: &Path) -> io::Result<()> {
-    injected_failure(Op::Rename)?;
-    std::fs::rename(from, to)
+    retrying(Op::Rename, || std::fs::rename(from, to))
 }
 
 /// `pwrite(2)` all of `buf` at `offset`, retrying on `EINTR` and short writes; `op` names
@@ -90,18 +134,18 @@ pub(crate) fn write_all_at(
     mut offset: u64,
     op: Op,
 ) -> io::Result<()> {
+    let mut retry = Retry::default();
     while !buf.is_empty() {
-        let Attempt::Go(len) = attempt(op, buf.len())? else {
-            continue;
-        };
-        match rustix::io::pwrite(fd, &buf[..len], offset) {
+        let result = attempt(op, buf.len())
+            .and_then(|len| rustix::io::pwrite(fd, &buf[..len], offset).map_err(io_err));
+        match result {
             Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero)),
             Ok(n) => {
                 buf = buf.get(n..).unwrap_or(&[]);
                 offset = offset.saturating_add(n as u64);
             }
-            Err(Errno::INTR) => continue,
-            Err(e) => return Err(io_err(e)),
+            Err(e) if retry.again(&e) => continue,
+            Err(e) => return Err(e),
         }
     }
     Ok(())
@@ -111,53 +155,59 @@ pub(crate) fn write_all_at(
 /// Page data goes through here straight from guest memory.
 /// One vector entry, so `IOV_MAX` is never a concern.
 pub(crate) fn pwritev_all(fd: BorrowedFd<'_>, mut buf: &[u8], mut offset: u64) -> io::Result<()> {
+    let mut retry = Retry::default();
     while !buf.is_empty() {
-        let Attempt::Go(len) = attempt(Op::WritePages, buf.len())? else {
-            continue;
-        };
-        match rustix::io::pwritev(fd, &[IoSlice::new(&buf[..len])], offset) {
+        let result = attempt(Op::WritePages, buf.len()).and_then(|len| {
+            rustix::io::pwritev(fd, &[IoSlice::new(&buf[..len])], offset).map_err(io_err)
+        });
+        match result {
             Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero)),
             Ok(n) => {
                 buf = buf.get(n..).unwrap_or(&[]);
                 offset = offset.saturating_add(n as u64);
             }
-            Err(Errno::INTR) => continue,
-            Err(e) => return Err(io_err(e)),
+            Err(e) if retry.again(&e) => continue,
+            Err(e) => return Err(e),
         }
     }
     Ok(())
 }
 
-/// `preadv(2)` exactly `buf.len()` bytes at `offset`; end of file first is `UnexpectedEof`.
+/// `preadv(2)` exactly `buf.len()` bytes of page data at `offset`; end of file first is
+/// `UnexpectedEof`.
 pub(crate) fn preadv_exact(
     fd: BorrowedFd<'_>,
     mut buf: &mut [u8],
     mut offset: u64,
 ) -> io::Result<()> {
+    let mut retry = Retry::default();
     while !buf.is_empty() {
-        match rustix::io::preadv(fd, &mut [IoSliceMut::new(buf)], offset) {
+        let result = attempt(Op::ReadPages, buf.len()).and_then(|len| {
+            rustix::io::preadv(fd, &mut [IoSliceMut::new(&mut buf[..len])], offset).map_err(io_err)
+        });
+        match result {
             Ok(0) => return Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
             Ok(n) => {
                 buf = buf.get_mut(n..).unwrap_or(&mut []);
                 offset = offset.saturating_add(n as u64);
             }
-            Err(Errno::INTR) => continue,
-            Err(e) => return Err(io_err(e)),
+            Err(e) if retry.again(&e) => continue,
+            Err(e) => return Err(e),
         }
     }
     Ok(())
 }
 
-/// `pread(2)` up to `buf.len()` bytes at `offset`, retrying `EINTR`; returns bytes read.
+/// `pread(2)` up to `buf.len()` bytes at `offset` under the retry policy; returns bytes read.
 pub(crate) fn pread_some(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    let mut retry = Retry::default();
     loop {
-        let Attempt::Go(len) = attempt(Op::ReadStream, buf.len())? else {
-            continue;
-        };
-        match rustix::io::pread(fd, &mut buf[..len], offset) {
+        let result = attempt(Op::ReadStream, buf.len())
+            .and_then(|len| rustix::io::pread(fd, &mut buf[..len], offset).map_err(io_err));
+        match result {
             Ok(n) => return Ok(n),
-            Err(Errno::INTR) => continue,
-            Err(e) => return Err(io_err(e)),
+            Err(e) if retry.again(&e) => continue,
+            Err(e) => return Err(e),
         }
     }
 }
@@ -252,7 +302,7 @@ pub(crate) fn open_channel(
         let probe = if write {
             write_all_at(fd.as_fd(), buf.as_slice(), offset, Op::WritePages)
         } else {
-            read_exact_at(fd.as_fd(), buf.as_mut_slice(), offset).or_else(|e| {
+            preadv_exact(fd.as_fd(), buf.as_mut_slice(), offset).or_else(|e| {
                 // A hole or the end of the file still proves that O_DIRECT reads work.
                 if e.kind() == io::ErrorKind::UnexpectedEof {
                     Ok(())
@@ -308,24 +358,30 @@ impl mapped_ram_core::stream::ByteSink for VecSink {
 
 /// Descriptor-level helpers used by the engines.
 pub(crate) fn fdatasync(fd: BorrowedFd<'_>) -> io::Result<()> {
-    injected_failure(Op::Sync)?;
-    rfs::fdatasync(fd).map_err(io_err)
+    retrying(Op::Sync, || rfs::fdatasync(fd).map_err(io_err))
 }
 
 /// `fsync(2)` of a directory, making a rename in it durable.
 pub(crate) fn fsync_dir(dir: &Path) -> io::Result<()> {
-    injected_failure(Op::SyncDir)?;
-    let fd = open(dir, OFlags::RDONLY | OFlags::DIRECTORY, 0)?;
-    rfs::fsync(fd.as_fd()).map_err(io_err)
+    let fd = retrying(Op::SyncDir, || {
+        rfs::open(
+            dir,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(io_err)
+    })?;
+    retrying(Op::SyncDir, || rfs::fsync(fd.as_fd()).map_err(io_err))
 }
 
 /// `ftruncate(2)`.
 pub(crate) fn set_len(fd: BorrowedFd<'_>, len: u64) -> io::Result<()> {
-    injected_failure(Op::Truncate)?;
-    rfs::ftruncate(fd, len).map_err(io_err)
+    retrying(Op::Truncate, || rfs::ftruncate(fd, len).map_err(io_err))
 }
 
 /// File size from `fstat(2)`.
 pub(crate) fn file_size(fd: BorrowedFd<'_>) -> io::Result<u64> {
-    rfs::fstat(fd).map(|st| st.st_size as u64).map_err(io_err)
+    retrying(Op::Stat, || {
+        rfs::fstat(fd).map(|st| st.st_size as u64).map_err(io_err)
+    })
 }

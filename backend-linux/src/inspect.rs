@@ -15,6 +15,7 @@ use rustix::fs::OFlags;
 
 use crate::error::{FormatError, IoFailure, Op};
 use crate::file::{self, FdSource};
+use crate::integrity::{self, Integrity, StreamShape};
 
 /// A block as the snapshot describes it.
 #[derive(Debug, Clone)]
@@ -80,12 +81,22 @@ pub struct SnapshotInfo {
     pub device_stream_start: u64,
     /// Offset of the first record after the RAM END section: the device state.
     pub device_state_offset: u64,
+    /// Where the page checksums are, for a file that has them (checked: records and
+    /// metadata checksum match; see [`crate::integrity`]).
+    pub integrity: Option<Integrity>,
 }
 
 impl SnapshotInfo {
     /// The block named `name`.
     pub fn block(&self, name: &str) -> Option<&BlockInfo> {
         self.blocks.iter().find(|b| b.name == name)
+    }
+
+    /// End of the device state: the start of the checksum table, or the end of the file.
+    pub fn device_state_end(&self) -> u64 {
+        self.integrity
+            .map(|i| i.record.table_offset)
+            .unwrap_or(self.file_size)
     }
 }
 
@@ -97,14 +108,22 @@ pub struct Snapshot {
     pub info: SnapshotInfo,
 }
 
-fn stream_error<E: std::fmt::Display>(
+/// A decoder error: a failed read becomes the I/O failure it is (operation, path, offset);
+/// anything else is a malformed stream at an offset.
+fn stream_error(
     path: &Path,
-    e: mapped_ram_core::stream::DecodeError<E>,
+    e: mapped_ram_core::stream::DecodeError<std::io::Error>,
 ) -> FormatError {
-    FormatError::Stream {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-        offset: e.offset,
+    let message = e.to_string();
+    match e.kind {
+        mapped_ram_core::stream::DecodeErrorKind::Source(source) => {
+            IoFailure::new(Op::ReadStream, path, Some(e.offset), source).into()
+        }
+        _ => FormatError::Stream {
+            path: path.to_path_buf(),
+            message,
+            offset: e.offset,
+        },
     }
 }
 
@@ -126,9 +145,11 @@ pub(crate) fn read_structure(
     let config = dec.read_config().map_err(|e| stream_error(path, e))?;
     let ram = dec.read_ram_start().map_err(|e| stream_error(path, e))?;
     let mut blocks: Vec<BlockInfo> = Vec::new();
+    let mut names = std::collections::HashSet::new();
+    let mut last_data: Option<usize> = None;
     while let Some(rec) = dec.next_block().map_err(|e| stream_error(path, e))? {
         let name = rec.name.as_str().to_string();
-        if blocks.iter().any(|b| b.name == name) {
+        if !names.insert(name.clone()) {
             return Err(FormatError::DuplicateBlock {
                 path: path.into(),
                 block: name,
@@ -156,12 +177,12 @@ pub(crate) fn read_structure(
                     file_size,
                 });
             }
-            for other in &blocks {
+            // The decoder hands out records in ascending file order, each after the previous
+            // one's pages, so checking against the previous block with data is enough (and
+            // keeps a file of a million tiny blocks linear, not quadratic).
+            if let Some(other) = last_data.and_then(|i| blocks.get(i)) {
                 let o = &other.layout;
-                if !o.is_empty()
-                    && layout.record_offset < o.pages_end()
-                    && o.record_offset < layout.pages_end()
-                {
+                if layout.record_offset < o.pages_end() && o.record_offset < layout.pages_end() {
                     return Err(FormatError::Overlap {
                         path: path.into(),
                         block: name,
@@ -171,6 +192,9 @@ pub(crate) fn read_structure(
                 }
             }
         }
+        if !layout.is_empty() {
+            last_data = Some(blocks.len());
+        }
         blocks.push(BlockInfo {
             name,
             layout,
@@ -179,6 +203,18 @@ pub(crate) fn read_structure(
         });
     }
     let tail: Tail = dec.finish().map_err(|e| stream_error(path, e))?;
+    if tail.first_device_record.is_none() {
+        // QEMU always writes device state or at least QEMU_VM_EOF after the RAM END section.
+        return Err(FormatError::Stream {
+            path: path.into(),
+            message: format!(
+                "at file offset {:#x}: the file ends right after the RAM END section (no device state, no EOF marker); it is truncated",
+                tail.device_state_offset
+            ),
+            offset: tail.device_state_offset,
+        });
+    }
+    let dec_page_size = dec.page_size();
     // Bitmaps: bounded by the file size checked above, never by a bare number from the file.
     for block in &mut blocks {
         let layout = block.layout;
@@ -207,6 +243,20 @@ pub(crate) fn read_structure(
             });
         }
     }
+    let layouts: Vec<BlockLayout> = blocks.iter().map(|b| b.layout).collect();
+    let integrity = integrity::locate(
+        fd,
+        path,
+        &StreamShape {
+            file_size,
+            stream_start: offset,
+            first_record: ram.first_record_offset,
+            layouts: &layouts,
+            page_size: dec_page_size,
+            device_stream_start: tail.device_stream_start,
+            device_state_offset: tail.device_state_offset,
+        },
+    )?;
     let capabilities = Capabilities::FILE_LISTED
         .iter_qapi_order()
         .filter(|c| config.capabilities.contains(*c))
@@ -224,6 +274,7 @@ pub(crate) fn read_structure(
         blocks,
         device_stream_start: tail.device_stream_start,
         device_state_offset: tail.device_state_offset,
+        integrity,
     })
 }
 
@@ -233,13 +284,13 @@ pub fn inspect(path: &Path, offset: u64) -> Result<SnapshotInfo, FormatError> {
 }
 
 /// Returns the device state of a snapshot: the bytes from the first record after the RAM END
-/// section to the end of the file (QEMU's non-iterative device sections, `QEMU_VM_EOF` and the
-/// vmdesc JSON). Pass them as [`crate::SaveOptions::device_state`] to write a file that QEMU
+/// section to the end of the file, or to the checksum table of a file that has one (QEMU's
+/// non-iterative device sections, `QEMU_VM_EOF` and the vmdesc JSON). Pass them as [`crate::SaveOptions::device_state`] to write a file that QEMU
 /// loads into a guest of the same shape.
 pub fn read_device_state(path: &Path, offset: u64) -> Result<Vec<u8>, FormatError> {
     let snap = open_snapshot(path, offset)?;
     let start = snap.info.device_state_offset;
-    let len = snap.info.file_size.saturating_sub(start);
+    let len = snap.info.device_state_end().saturating_sub(start);
     let mut buf = vec![0u8; len as usize];
     file::read_exact_at(snap.fd.as_fd(), &mut buf, start)
         .map_err(|e| IoFailure::new(Op::ReadDeviceState, path, Some(start), e))?;

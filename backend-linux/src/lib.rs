@@ -13,7 +13,13 @@
 //!
 //! The format logic (offsets, stream framing, bitmaps, scheduling) lives in the `no_std`
 //! crate [`mapped_ram_core`]; this crate only does I/O. Its `unsafe` code is confined to
-//! [`sys`] (file mappings and aligned buffers).
+//! [`sys`] (file mappings and aligned buffers) and [`mem`] (guest memory read while a guest
+//! runs, private mappings of lazy restore).
+//!
+//! Beyond one-shot saves: [`LiveSave`] saves a running guest in passes of dirty pages
+//! ([`live`]), [`update()`] brings an existing snapshot up to date with only the changed pages
+//! ([`update`](mod@update)), [`restore_lazy()`] maps a snapshot instead of reading it ([`lazy`]),
+//! and the `vm-memory` feature does all of it for rust-vmm's `GuestMemoryMmap`.
 //!
 //! ```no_run
 //! use mapped_ram_linux::{restore, save, RestoreOptions, RestoreRegion, SaveOptions, SaveRegion};
@@ -37,11 +43,18 @@ pub mod error;
 pub mod fault;
 pub mod file;
 pub mod inspect;
+pub mod integrity;
+pub mod lazy;
+pub mod live;
+pub mod mem;
 pub mod progress;
 pub mod restore;
 pub mod save;
 pub mod sys;
+pub mod update;
 pub mod verify;
+#[cfg(feature = "vm-memory")]
+pub mod vm_memory;
 pub mod zero;
 
 pub use error::{
@@ -49,8 +62,12 @@ pub use error::{
 };
 pub use file::DirectIo;
 pub use inspect::{inspect, read_device_state, BlockInfo, SnapshotInfo};
+pub use lazy::{restore_lazy, LazyBlock, LazyOptions, LazyReport, LazyRestore};
+pub use live::{LiveOptions, LiveRegion, LiveReport, LiveSave, PassReport};
+pub use mem::{GuestMemory, PrivateMapping};
 pub use progress::{Cancel, Progress};
 pub use restore::{restore, restore_from_fds, RestoreOptions, RestoreRegion, RestoreReport};
 pub use save::{save, save_to_fds, SaveOptions, SaveRegion, SaveReport, ZeroPages};
 pub use sys::MappedFile;
-pub use verify::{verify, Mismatch, VerifyReport};
+pub use update::{update, Changes, CopyMode, UpdateError, UpdateOptions, UpdateReport};
+pub use verify::{verify, CorruptPage, Mismatch, VerifyReport};

@@ -56,6 +56,11 @@ pub struct RestoreOptions {
     /// Longest run of clear-bit pages read inside one extent (and zeroed afterwards) instead
     /// of splitting the read.
     pub max_gap_pages: u64,
+    /// Check every page read against its stored checksum, when the snapshot has checksums
+    /// (see [`crate::integrity`]); a bad page fails the restore with
+    /// [`RestoreErrorKind::Checksum`]. The metadata checksum is always checked, before any
+    /// guest memory is written.
+    pub verify_checksums: bool,
     /// Cancellation handle.
     pub cancel: Option<Cancel>,
 }
@@ -69,6 +74,7 @@ impl Default for RestoreOptions {
             memory_is_zeroed: false,
             chunk_bytes: schedule::DEFAULT_MAX_IO,
             max_gap_pages: DEFAULT_READ_GAP_PAGES,
+            verify_checksums: false,
             cancel: None,
         }
     }
@@ -101,6 +107,8 @@ pub struct RestoreReport {
     pub channels: usize,
     /// Machine type recorded in the snapshot.
     pub machine: String,
+    /// Whether every page read was checked against its stored checksum.
+    pub checksums_verified: bool,
 }
 
 impl RestoreReport {
@@ -164,7 +172,15 @@ pub fn restore(
             })
     };
     restore_engine(
-        &snap.info, path, page_size, started, regions, opts, progress, &mut open,
+        &snap.info,
+        snap.fd.as_fd(),
+        path,
+        page_size,
+        started,
+        regions,
+        opts,
+        progress,
+        &mut open,
     )
 }
 
@@ -187,7 +203,7 @@ pub fn restore_from_fds(
         .unwrap_or(false);
     let mut open = |_probe: Option<u64>| Ok((Channels::Shared(data, opts.channels), direct, None));
     restore_engine(
-        &info, &label, page_size, started, regions, opts, progress, &mut open,
+        &info, main, &label, page_size, started, regions, opts, progress, &mut open,
     )
 }
 
@@ -212,6 +228,7 @@ type OpenChannels<'o> =
 #[allow(clippy::too_many_arguments)]
 fn restore_engine<'o>(
     info: &SnapshotInfo,
+    main: BorrowedFd<'_>,
     path: &Path,
     page_size: u64,
     started: Instant,
@@ -261,6 +278,24 @@ fn restore_engine<'o>(
         .map(|b| b.name.clone())
         .collect();
     let layouts: Vec<BlockLayout> = chosen.iter().map(|b| b.layout).collect();
+    // Page checksums of the chosen blocks, read and checked before anything is written.
+    let tables = match (&info.integrity, opts.verify_checksums) {
+        (Some(integrity), true) => {
+            let all: Vec<BlockLayout> = info.blocks.iter().map(|b| b.layout).collect();
+            let mut tables = crate::integrity::read_table(main, path, integrity, &all)?;
+            let mut picked = Vec::with_capacity(chosen.len());
+            for block in &chosen {
+                let index = info
+                    .blocks
+                    .iter()
+                    .position(|b| b.name == block.name)
+                    .unwrap_or(0);
+                picked.push(std::mem::take(&mut tables[index]));
+            }
+            Some(picked)
+        }
+        _ => None,
+    };
     let probe = layouts
         .iter()
         .find(|l| !l.is_empty() && l.length >= page_size)
@@ -293,6 +328,7 @@ fn restore_engine<'o>(
     let cancelled = || opts.cancel.as_ref().is_some_and(Cancel::is_cancelled);
     let ctx = ChannelCtx {
         blocks: &chosen,
+        sums: tables.as_deref(),
         slots: &slots,
         touched: &touched,
         queue: &queue,
@@ -370,6 +406,7 @@ fn restore_engine<'o>(
         direct_io_fallback: fallback,
         channels: opts.channels,
         machine: info.machine.clone(),
+        checksums_verified: tables.is_some(),
     })
 }
 
@@ -384,6 +421,7 @@ type Slots<'m> = Vec<Vec<Mutex<Option<&'m mut [u8]>>>>;
 
 struct ChannelCtx<'a, 'm> {
     blocks: &'a [&'a BlockInfo],
+    sums: Option<&'a [Vec<u32>]>,
     slots: &'a Slots<'m>,
     touched: &'a [AtomicBool],
     queue: &'a WorkQueue<'a>,
@@ -397,7 +435,46 @@ struct ChannelCtx<'a, 'm> {
     chunk_bytes: u64,
 }
 
+/// Why reading an extent failed.
+enum ReadFailure {
+    Io(std::io::Error),
+    Checksum(RestoreErrorKind),
+}
+
 impl ChannelCtx<'_, '_> {
+    /// Checks the stored pages of an extent just read into `dst` against their checksums.
+    fn check_pages(
+        &self,
+        block: usize,
+        sums: &[u32],
+        ext: &schedule::Extent,
+        dst: &[u8],
+        stored: &mapped_ram_core::bitmap::BitmapRef<'_>,
+    ) -> Result<(), ReadFailure> {
+        let ps = self.page_size;
+        let first = ext.mem_offset / ps;
+        for (i, data) in dst.chunks_exact(ps as usize).enumerate() {
+            let page = first + i as u64;
+            if !stored.test(page) {
+                continue;
+            }
+            let expected = sums.get(page as usize).copied().unwrap_or(0);
+            let actual = crate::integrity::page_checksum(data, page);
+            if actual != expected {
+                let layout = &self.blocks[block].layout;
+                return Err(ReadFailure::Checksum(RestoreErrorKind::Checksum {
+                    path: self.path.to_path_buf(),
+                    block: self.blocks[block].name.clone(),
+                    page,
+                    file_offset: layout.pages_offset + page * ps,
+                    expected,
+                    actual,
+                }));
+            }
+        }
+        Ok(())
+    }
+
     fn run(&self, fd: BorrowedFd<'_>) {
         let mut bounce: Option<AlignedBuf> = None;
         while let Some(chunk) = self.queue.claim() {
@@ -447,10 +524,16 @@ impl ChannelCtx<'_, '_> {
                 let buf =
                     bounce.get_or_insert_with(|| AlignedBuf::new(self.policy.max_io as usize));
                 let tmp = &mut buf.as_mut_slice()[..dst.len()];
-                file::preadv_exact(fd, tmp, ext.file_offset).map(|()| dst.copy_from_slice(tmp))
+                file::preadv_exact(fd, tmp, ext.file_offset)
+                    .map(|()| dst.copy_from_slice(tmp))
+                    .map_err(ReadFailure::Io)
             } else {
-                file::preadv_exact(fd, dst, ext.file_offset)
+                file::preadv_exact(fd, dst, ext.file_offset).map_err(ReadFailure::Io)
             };
+            let read = read.and_then(|()| match self.sums {
+                Some(sums) => self.check_pages(chunk.block, &sums[chunk.block], &ext, dst, &stored),
+                None => Ok(()),
+            });
             match read {
                 Ok(()) => {
                     self.counters.reads.fetch_add(1, Ordering::Relaxed);
@@ -458,7 +541,7 @@ impl ChannelCtx<'_, '_> {
                         .data_bytes
                         .fetch_add(ext.len, Ordering::Relaxed);
                 }
-                Err(e) => {
+                Err(ReadFailure::Io(e)) => {
                     result = Err(RestoreErrorKind::Io(IoFailure::new(
                         Op::ReadPages,
                         self.path,
@@ -466,6 +549,7 @@ impl ChannelCtx<'_, '_> {
                         e,
                     )))
                 }
+                Err(ReadFailure::Checksum(kind)) => result = Err(kind),
             }
         })
         .map_err(|e| RestoreErrorKind::Options(e.to_string()))?;

@@ -1,4 +1,5 @@
-//! Checking a snapshot: its structure, and optionally that it holds exactly given RAM contents.
+//! Checking a snapshot: its structure, its page checksums (when it has them), and optionally
+//! that it holds exactly given RAM contents.
 
 use std::os::fd::AsFd;
 use std::path::Path;
@@ -6,6 +7,7 @@ use std::path::Path;
 use crate::error::{FormatError, IoFailure, Op};
 use crate::file;
 use crate::inspect::{open_snapshot, SnapshotInfo};
+use crate::integrity;
 use crate::save::SaveRegion;
 
 /// The first page of a block whose content in the snapshot differs from the expected RAM.
@@ -23,6 +25,23 @@ pub struct Mismatch {
     pub pages_differing: u64,
 }
 
+/// The first page of a block that fails its stored checksum (see [`crate::integrity`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CorruptPage {
+    /// The block.
+    pub block: String,
+    /// Page index within the block.
+    pub page: u64,
+    /// Absolute file offset of the page.
+    pub file_offset: u64,
+    /// The checksum stored in the file.
+    pub expected: u32,
+    /// The checksum of the page's bytes as read.
+    pub actual: u32,
+    /// Number of pages of the block that fail their checksum.
+    pub pages_bad: u64,
+}
+
 /// The outcome of [`verify`].
 #[derive(Debug, Clone)]
 pub struct VerifyReport {
@@ -32,12 +51,17 @@ pub struct VerifyReport {
     pub blocks_compared: Vec<String>,
     /// Blocks whose contents differ, with the first differing page of each.
     pub mismatches: Vec<Mismatch>,
+    /// Stored pages checked against their checksums; `None` when the file has none.
+    pub pages_checksummed: Option<u64>,
+    /// Blocks with pages that fail their checksum, with the first such page of each.
+    pub corrupt: Vec<CorruptPage>,
 }
 
 impl VerifyReport {
-    /// `true` when the structure is valid and every compared block matched.
+    /// `true` when the structure is valid, every compared block matched and every page
+    /// matched its checksum.
     pub fn ok(&self) -> bool {
-        self.mismatches.is_empty()
+        self.mismatches.is_empty() && self.corrupt.is_empty()
     }
 }
 
@@ -65,25 +89,30 @@ pub enum VerifyError {
     },
 }
 
-/// Validates the snapshot's structure and, for each of `expected`, compares the block's
-/// contents page by page: a stored page must equal the RAM, a page with a clear bit must be
-/// zero in the RAM.
+/// Validates the snapshot's structure; checks every stored page against its checksum when the
+/// file has checksums (see [`crate::integrity`]); and, for each of `expected`, compares the
+/// block's contents page by page: a stored page must equal the RAM, a page with a clear bit
+/// must be zero in the RAM.
 pub fn verify(
     path: &Path,
     offset: u64,
     expected: &[SaveRegion<'_>],
 ) -> Result<VerifyReport, VerifyError> {
     let snap = open_snapshot(path, offset)?;
-    let mut mismatches = Vec::new();
+    let layouts: Vec<_> = snap.info.blocks.iter().map(|b| b.layout).collect();
+    let tables = match &snap.info.integrity {
+        Some(i) => Some(integrity::read_table(snap.fd.as_fd(), path, i, &layouts)?),
+        None => None,
+    };
+    let mut regions: Vec<Option<&[u8]>> = vec![None; snap.info.blocks.len()];
     let mut blocks_compared = Vec::new();
-    let mut buf = vec![0u8; 1 << 20];
     for region in expected {
-        let Some(block) = snap.info.block(region.name) else {
+        let Some(index) = snap.info.blocks.iter().position(|b| b.name == region.name) else {
             return Err(VerifyError::UnknownBlock {
                 name: region.name.into(),
             });
         };
-        let layout = block.layout;
+        let layout = snap.info.blocks[index].layout;
         if layout.length != region.memory.len() as u64 {
             return Err(VerifyError::SizeMismatch {
                 name: region.name.into(),
@@ -91,7 +120,20 @@ pub fn verify(
                 region_length: region.memory.len() as u64,
             });
         }
-        blocks_compared.push(block.name.clone());
+        regions[index] = Some(region.memory);
+        blocks_compared.push(region.name.to_string());
+    }
+    let mut mismatches = Vec::new();
+    let mut corrupt = Vec::new();
+    let mut pages_checksummed = 0u64;
+    let mut buf = vec![0u8; 1 << 20];
+    for (index, block) in snap.info.blocks.iter().enumerate() {
+        let layout = block.layout;
+        let memory = regions[index];
+        let sums = tables.as_ref().map(|t| t[index].as_slice());
+        if layout.is_empty() || (memory.is_none() && sums.is_none()) {
+            continue;
+        }
         let ps = layout.page_size;
         let map = block.bitmap_ref();
         let mut first: Option<(u64, bool)> = None;
@@ -102,14 +144,15 @@ pub fn verify(
                 first = Some((page, stored));
             }
         };
-        if layout.is_empty() {
-            continue;
-        }
-        for run in map.runs(false) {
-            for page in run {
-                let off = (page * ps) as usize;
-                if !crate::zero::is_zero(&region.memory[off..off + ps as usize]) {
-                    note(page, false);
+        let mut bad: Option<(u64, u32, u32)> = None;
+        let mut pages_bad = 0u64;
+        if let Some(memory) = memory {
+            for run in map.runs(false) {
+                for page in run {
+                    let off = (page * ps) as usize;
+                    if !crate::zero::is_zero(&memory[off..off + ps as usize]) {
+                        note(page, false);
+                    }
                 }
             }
         }
@@ -125,9 +168,21 @@ pub fn verify(
                 })?;
                 for i in 0..n {
                     let a = (i * ps) as usize;
-                    let m = ((page + i) * ps) as usize;
-                    if buf[a..a + ps as usize] != region.memory[m..m + ps as usize] {
-                        note(page + i, true);
+                    let data = &buf[a..a + ps as usize];
+                    if let Some(sums) = sums {
+                        let want = sums[(page + i) as usize];
+                        let got = integrity::page_checksum(data, page + i);
+                        pages_checksummed += 1;
+                        if got != want {
+                            pages_bad += 1;
+                            bad.get_or_insert((page + i, want, got));
+                        }
+                    }
+                    if let Some(memory) = memory {
+                        let m = ((page + i) * ps) as usize;
+                        if data != &memory[m..m + ps as usize] {
+                            note(page + i, true);
+                        }
                     }
                 }
                 page += n;
@@ -142,10 +197,22 @@ pub fn verify(
                 pages_differing: differing,
             });
         }
+        if let Some((page, expected, actual)) = bad {
+            corrupt.push(CorruptPage {
+                block: block.name.clone(),
+                page,
+                file_offset: layout.pages_offset + page * ps,
+                expected,
+                actual,
+                pages_bad,
+            });
+        }
     }
     Ok(VerifyReport {
+        pages_checksummed: tables.as_ref().map(|_| pages_checksummed),
         info: snap.info,
         blocks_compared,
         mismatches,
+        corrupt,
     })
 }

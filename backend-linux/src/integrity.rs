@@ -1,0 +1,486 @@
+//! Page checksums: an optional content check that QEMU's mapped-ram format lacks.
+//!
+//! A snapshot we write (by default, see [`crate::SaveOptions::checksums`]) carries one CRC-32C
+//! per stored page and one CRC-32C over all of its metadata, kept where QEMU's loader never
+//! looks, so the file stays a valid QEMU 10.0 migration stream. [`crate::verify()`] checks every
+//! stored page against its checksum and names the first bad page (block, page index, file
+//! offset); [`crate::inspect()`], [`crate::verify()`] and [`crate::restore()`] check the
+//! metadata checksum before they trust anything, so a flipped bit in a header, a bitmap, a block
+//! name or the device state is an error and not a silently different snapshot. Restore checks
+//! page checksums only when asked ([`crate::RestoreOptions::verify_checksums`]).
+//!
+//! # On-disk layout (version 1)
+//!
+//! ```text
+//! [offset prefix][stream head][block record+header][bitmap][ANCHOR][zero padding][pages]...
+//!     ...[RAM EOS, RAM END, device state or EOF][CHECKSUM TABLE][FOOTER]
+//! ```
+//!
+//! * The **anchor** is a 64-byte [`Record`] at the end of the page bitmap of the first block
+//!   whose padding (between its bitmap's end and its 1 MiB-aligned `pages_offset`) has room for
+//!   it — QEMU writes zeros there and never reads them.
+//! * The **checksum table** follows the end of the QEMU stream (after `QEMU_VM_EOF`, or after
+//!   the vmdesc of an appended device state). QEMU's loader stops reading at `QEMU_VM_EOF` (it
+//!   then reads, and ignores, at most the vmdesc section). For every block in file order it
+//!   holds one little-endian `u32` per page (`num_pages` entries; none for a block without data
+//!   in the file): [`page_checksum`] of the page for pages whose bitmap bit is set, 0 for the
+//!   others.
+//! * The **footer** is a second copy of the anchor: the last 64 bytes of the file.
+//!
+//! Two copies make every single damage visible: a truncated or extended file loses or moves
+//! the footer (the anchor records the file size); a damaged anchor is found through the
+//! footer; a damaged footer through the anchor. A file with neither (QEMU's, or ours saved
+//! with checksums off) simply has no checksums.
+//!
+//! The [`Record`] (little-endian):
+//!
+//! | offset | size | field |
+//! |---|---|---|
+//! | 0 | 8 | magic `MRAMSUMS` |
+//! | 8 | u32 | version (1) |
+//! | 12 | u32 | algorithm (1 = CRC-32C, Castagnoli) |
+//! | 16 | u64 | `table_offset`: absolute offset of the checksum table |
+//! | 24 | u64 | `table_len`: its length in bytes (4 × pages of the blocks with data) |
+//! | 32 | u64 | `file_size`: size of the whole file (the footer ends it) |
+//! | 40 | u32 | `page_size` |
+//! | 44 | u32 | `blocks`: number of block records |
+//! | 48 | u32 | `metadata_crc`: CRC-32C over the metadata ranges below, in this order |
+//! | 52 | u32 | `table_crc`: CRC-32C of the checksum table |
+//! | 56 | u32 | reserved, 0 |
+//! | 60 | u32 | CRC-32C of bytes 0..60 of the record |
+//!
+//! Metadata ranges covered by `metadata_crc` (absolute offsets; the `offset=` prefix before the
+//! stream belongs to someone else and is not covered):
+//!
+//! 1. the stream head: from the stream start to the first block record (file magic,
+//!    configuration section, RAM section start, `MEM_SIZE` word);
+//! 2. for every block in file order: its record and 28-byte header (`record_offset ..
+//!    header_offset + 28`), then — for a block with data — its bitmap;
+//! 3. the stream after the last block: from `device_stream_start` to `table_offset` (RAM EOS,
+//!    RAM END, the device state or `QEMU_VM_EOF`).
+//!
+//! The page checksum is `crc32c(page bytes ‖ page index as u64 LE)`: including the index makes
+//! a page written to the wrong slot fail its check even when its bytes are intact.
+
+use std::os::fd::BorrowedFd;
+use std::path::Path;
+
+use mapped_ram_core::layout::{BlockLayout, HEADER_SIZE};
+
+use crate::error::{FormatError, IoFailure, Op};
+use crate::file;
+
+/// First 8 bytes of an integrity [`Record`].
+pub const MAGIC: [u8; 8] = *b"MRAMSUMS";
+/// The layout version described in the module docs.
+pub const VERSION: u32 = 1;
+/// Algorithm id of CRC-32C (Castagnoli).
+pub const ALGORITHM_CRC32C: u32 = 1;
+/// Size of an integrity [`Record`] (anchor and footer) in bytes.
+pub const RECORD_LEN: u64 = 64;
+/// Bytes per page checksum in the table.
+pub const ENTRY_LEN: u64 = 4;
+
+/// The checksum of one stored page: CRC-32C over its bytes followed by its index within the
+/// block as a little-endian `u64`.
+pub fn page_checksum(page: &[u8], index: u64) -> u32 {
+    crc32c::crc32c_append(crc32c::crc32c(page), &index.to_le_bytes())
+}
+
+/// The anchor and footer record (see the module docs for its bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Record {
+    /// Absolute offset of the checksum table.
+    pub table_offset: u64,
+    /// Length of the checksum table in bytes.
+    pub table_len: u64,
+    /// Size of the whole file.
+    pub file_size: u64,
+    /// Page size of the blocks.
+    pub page_size: u32,
+    /// Number of block records.
+    pub blocks: u32,
+    /// CRC-32C of the metadata ranges.
+    pub metadata_crc: u32,
+    /// CRC-32C of the checksum table.
+    pub table_crc: u32,
+}
+
+/// What was found where a record should be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Found {
+    /// No magic: no record here.
+    Absent,
+    /// The magic, but a bad CRC, version or algorithm.
+    Damaged(&'static str),
+    /// A good record.
+    Valid(Record),
+}
+
+impl Record {
+    /// The 64 bytes of the record.
+    pub fn encode(&self) -> [u8; RECORD_LEN as usize] {
+        let mut b = [0u8; RECORD_LEN as usize];
+        b[0..8].copy_from_slice(&MAGIC);
+        b[8..12].copy_from_slice(&VERSION.to_le_bytes());
+        b[12..16].copy_from_slice(&ALGORITHM_CRC32C.to_le_bytes());
+        b[16..24].copy_from_slice(&self.table_offset.to_le_bytes());
+        b[24..32].copy_from_slice(&self.table_len.to_le_bytes());
+        b[32..40].copy_from_slice(&self.file_size.to_le_bytes());
+        b[40..44].copy_from_slice(&self.page_size.to_le_bytes());
+        b[44..48].copy_from_slice(&self.blocks.to_le_bytes());
+        b[48..52].copy_from_slice(&self.metadata_crc.to_le_bytes());
+        b[52..56].copy_from_slice(&self.table_crc.to_le_bytes());
+        let crc = crc32c::crc32c(&b[..60]);
+        b[60..64].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    fn decode(b: &[u8; RECORD_LEN as usize]) -> Found {
+        if b[0..8] != MAGIC {
+            return Found::Absent;
+        }
+        let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+        let u64_at = |i: usize| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&b[i..i + 8]);
+            u64::from_le_bytes(w)
+        };
+        if crc32c::crc32c(&b[..60]) != u32_at(60) {
+            return Found::Damaged("its CRC does not match");
+        }
+        if u32_at(8) != VERSION {
+            return Found::Damaged("unknown version");
+        }
+        if u32_at(12) != ALGORITHM_CRC32C {
+            return Found::Damaged("unknown checksum algorithm");
+        }
+        Found::Valid(Record {
+            table_offset: u64_at(16),
+            table_len: u64_at(24),
+            file_size: u64_at(32),
+            page_size: u32_at(40),
+            blocks: u32_at(44),
+            metadata_crc: u32_at(48),
+            table_crc: u32_at(52),
+        })
+    }
+}
+
+/// Where a file's integrity records and table are, as found and checked by [`crate::inspect()`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Integrity {
+    /// Absolute offset of the anchor record.
+    pub anchor_offset: u64,
+    /// Absolute offset of the footer record (the last [`RECORD_LEN`] bytes).
+    pub footer_offset: u64,
+    /// The record (anchor and footer are identical).
+    pub record: Record,
+}
+
+/// Where the anchor of a file with these blocks goes: the end of the bitmap of the first block
+/// with data whose padding before `pages_offset` holds [`RECORD_LEN`] bytes.
+pub fn anchor_offset(layouts: &[BlockLayout]) -> Option<u64> {
+    layouts.iter().filter(|l| !l.is_empty()).find_map(|l| {
+        let end = l.bitmap_offset.checked_add(l.bitmap_size)?;
+        (l.pages_offset.checked_sub(end)? >= RECORD_LEN).then_some(end)
+    })
+}
+
+/// Length of the checksum table for these blocks: [`ENTRY_LEN`] per page of every block with
+/// data in the file; `None` on overflow.
+pub fn table_len(layouts: &[BlockLayout]) -> Option<u64> {
+    layouts
+        .iter()
+        .filter(|l| !l.is_empty())
+        .try_fold(0u64, |acc, l| {
+            acc.checked_add(l.num_pages().checked_mul(ENTRY_LEN)?)
+        })
+}
+
+/// The metadata ranges of a file, in checksum order (see the module docs).
+pub(crate) fn metadata_ranges(
+    stream_start: u64,
+    first_record: u64,
+    layouts: &[BlockLayout],
+    device_stream_start: u64,
+    table_offset: u64,
+) -> Vec<(u64, u64)> {
+    let mut ranges = vec![(stream_start, first_record)];
+    for l in layouts {
+        ranges.push((
+            l.record_offset,
+            l.header_offset.saturating_add(HEADER_SIZE as u64),
+        ));
+        if !l.is_empty() {
+            ranges.push((
+                l.bitmap_offset,
+                l.bitmap_offset.saturating_add(l.bitmap_size),
+            ));
+        }
+    }
+    ranges.push((device_stream_start, table_offset));
+    ranges
+}
+
+fn integrity_error(path: &Path, offset: u64, message: String) -> FormatError {
+    FormatError::Integrity {
+        path: path.to_path_buf(),
+        offset,
+        message,
+    }
+}
+
+/// CRC-32C of the bytes of `ranges` read from the file, in 1 MiB pieces.
+pub(crate) fn crc_of_ranges(
+    fd: BorrowedFd<'_>,
+    path: &Path,
+    ranges: &[(u64, u64)],
+) -> Result<u32, FormatError> {
+    let mut crc = 0u32;
+    let mut buf = vec![0u8; 1 << 20];
+    for &(start, end) in ranges {
+        let mut at = start;
+        while at < end {
+            let n = (end - at).min(buf.len() as u64) as usize;
+            file::read_exact_at(fd, &mut buf[..n], at)
+                .map_err(|e| IoFailure::new(Op::ReadStream, path, Some(at), e))?;
+            crc = crc32c::crc32c_append(crc, &buf[..n]);
+            at += n as u64;
+        }
+    }
+    Ok(crc)
+}
+
+fn read_record(fd: BorrowedFd<'_>, path: &Path, at: u64) -> Result<Found, FormatError> {
+    let mut b = [0u8; RECORD_LEN as usize];
+    file::read_exact_at(fd, &mut b, at)
+        .map_err(|e| IoFailure::new(Op::ReadStream, path, Some(at), e))?;
+    Ok(Record::decode(&b))
+}
+
+/// What [`locate`] needs to know about a validated stream.
+pub(crate) struct StreamShape<'a> {
+    pub file_size: u64,
+    pub stream_start: u64,
+    pub first_record: u64,
+    pub layouts: &'a [BlockLayout],
+    pub page_size: u64,
+    pub device_stream_start: u64,
+    pub device_state_offset: u64,
+}
+
+/// Finds and checks the integrity records of a file whose stream structure is already
+/// validated: anchor and footer must both be present and identical, or both absent; the
+/// record must describe this file exactly; the metadata checksum must match.
+pub(crate) fn locate(
+    fd: BorrowedFd<'_>,
+    path: &Path,
+    s: &StreamShape<'_>,
+) -> Result<Option<Integrity>, FormatError> {
+    let anchor_at = anchor_offset(s.layouts);
+    let anchor = match anchor_at {
+        Some(at) => read_record(fd, path, at)?,
+        None => Found::Absent,
+    };
+    let footer_at = s.file_size.checked_sub(RECORD_LEN);
+    let footer = match footer_at {
+        Some(at) if at >= s.device_state_offset => read_record(fd, path, at)?,
+        _ => Found::Absent,
+    };
+    let anchor_at = anchor_at.unwrap_or(0);
+    let footer_at = footer_at.unwrap_or(0);
+    let record = match (anchor, footer) {
+        (Found::Absent, Found::Absent) => return Ok(None),
+        (Found::Damaged(why), _) => {
+            return Err(integrity_error(
+                path,
+                anchor_at,
+                format!("the checksum anchor record is damaged ({why})"),
+            ))
+        }
+        (_, Found::Damaged(why)) => {
+            return Err(integrity_error(
+                path,
+                footer_at,
+                format!("the checksum footer record is damaged ({why})"),
+            ))
+        }
+        (Found::Valid(a), Found::Absent) => {
+            let message = if a.file_size != s.file_size {
+                format!(
+                    "the file is {:#x} bytes but was saved with {:#x}: it was truncated or extended (checksum footer missing)",
+                    s.file_size, a.file_size
+                )
+            } else {
+                "the checksum footer record at the end of the file is missing".to_string()
+            };
+            return Err(integrity_error(path, footer_at, message));
+        }
+        (Found::Absent, Found::Valid(_)) => {
+            return Err(integrity_error(
+                path,
+                anchor_at,
+                "the checksum anchor record after the first bitmap is missing".into(),
+            ))
+        }
+        (Found::Valid(a), Found::Valid(f)) if a != f => {
+            return Err(integrity_error(
+                path,
+                footer_at,
+                "the checksum anchor and footer records differ".into(),
+            ))
+        }
+        (Found::Valid(a), Found::Valid(_)) => a,
+    };
+    let bad = |offset: u64, message: String| Err(integrity_error(path, offset, message));
+    if record.file_size != s.file_size {
+        return bad(
+            footer_at,
+            format!(
+                "the file is {:#x} bytes but the checksum record says {:#x}",
+                s.file_size, record.file_size
+            ),
+        );
+    }
+    if u64::from(record.page_size) != s.page_size {
+        return bad(
+            anchor_at,
+            format!(
+                "the checksum record's page size {} differs from the stream's {}",
+                record.page_size, s.page_size
+            ),
+        );
+    }
+    if u64::from(record.blocks) != s.layouts.len() as u64 {
+        return bad(
+            anchor_at,
+            format!(
+                "the checksum record counts {} blocks, the stream has {}",
+                record.blocks,
+                s.layouts.len()
+            ),
+        );
+    }
+    let expected_len = table_len(s.layouts);
+    let table_end = record.table_offset.checked_add(record.table_len);
+    if Some(record.table_len) != expected_len
+        || record.table_offset < s.device_state_offset
+        || table_end != Some(footer_at)
+    {
+        return bad(
+            anchor_at,
+            format!(
+                "the checksum table at {:#x} ({:#x} bytes) does not fit the file (expected {:#x} bytes ending at {footer_at:#x})",
+                record.table_offset,
+                record.table_len,
+                expected_len.unwrap_or(0)
+            ),
+        );
+    }
+    let ranges = metadata_ranges(
+        s.stream_start,
+        s.first_record,
+        s.layouts,
+        s.device_stream_start,
+        record.table_offset,
+    );
+    let crc = crc_of_ranges(fd, path, &ranges)?;
+    if crc != record.metadata_crc {
+        return bad(
+            s.stream_start,
+            format!(
+                "metadata checksum mismatch (stored {:#010x}, computed {crc:#010x}): a header, bitmap, block record or the device state was changed after the save",
+                record.metadata_crc
+            ),
+        );
+    }
+    Ok(Some(Integrity {
+        anchor_offset: anchor_at,
+        footer_offset: footer_at,
+        record,
+    }))
+}
+
+/// Reads and checks the checksum table: one `Vec<u32>` per block in file order (empty for a
+/// block without data). Its size was bounded by [`locate`] (it lies inside the file).
+pub(crate) fn read_table(
+    fd: BorrowedFd<'_>,
+    path: &Path,
+    integrity: &Integrity,
+    layouts: &[BlockLayout],
+) -> Result<Vec<Vec<u32>>, FormatError> {
+    let rec = &integrity.record;
+    let mut tables = Vec::with_capacity(layouts.len());
+    let mut crc = 0u32;
+    let mut at = rec.table_offset;
+    let mut buf = vec![0u8; 1 << 20];
+    for l in layouts {
+        let entries = if l.is_empty() { 0 } else { l.num_pages() };
+        let mut table = Vec::with_capacity(entries as usize);
+        let mut left = entries * ENTRY_LEN;
+        while left > 0 {
+            let n = left.min(buf.len() as u64) as usize;
+            file::read_exact_at(fd, &mut buf[..n], at)
+                .map_err(|e| IoFailure::new(Op::ReadStream, path, Some(at), e))?;
+            crc = crc32c::crc32c_append(crc, &buf[..n]);
+            table.extend(
+                buf[..n]
+                    .chunks_exact(4)
+                    .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+            );
+            at += n as u64;
+            left -= n as u64;
+        }
+        tables.push(table);
+    }
+    if crc != rec.table_crc {
+        return Err(integrity_error(
+            path,
+            rec.table_offset,
+            format!(
+                "the page checksum table is damaged (stored CRC {:#010x}, computed {crc:#010x})",
+                rec.table_crc
+            ),
+        ));
+    }
+    Ok(tables)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_round_trip_and_damage() {
+        let r = Record {
+            table_offset: 0x1234_5678,
+            table_len: 4096,
+            file_size: 0x1234_5678 + 4096 + 64,
+            page_size: 4096,
+            blocks: 2,
+            metadata_crc: 0xdead_beef,
+            table_crc: 7,
+        };
+        let b = r.encode();
+        assert_eq!(Record::decode(&b), Found::Valid(r));
+        for bit in 0..(60 * 8) {
+            let mut d = b;
+            d[bit / 8] ^= 1 << (bit % 8);
+            let found = Record::decode(&d);
+            if bit < 64 {
+                assert_eq!(found, Found::Absent, "bit {bit}");
+            } else {
+                assert!(matches!(found, Found::Damaged(_)), "bit {bit}");
+            }
+        }
+        assert_eq!(Record::decode(&[0u8; 64]), Found::Absent);
+    }
+
+    #[test]
+    fn page_checksum_depends_on_index() {
+        let page = vec![0xabu8; 4096];
+        assert_ne!(page_checksum(&page, 0), page_checksum(&page, 1));
+        assert_eq!(page_checksum(&page, 5), page_checksum(&page, 5));
+    }
+}

@@ -1,0 +1,172 @@
+//! The `vm-memory` integration: live saves of `GuestMemoryMmap` with `AtomicBitmap` dirty
+//! tracking while another thread writes guest memory, KVM dirty logs ORed in, and restores
+//! into fresh and lazily mapped guest memory.
+#![cfg(feature = "vm-memory")]
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use mapped_ram_linux::vm_memory::{
+    restore_guest_memory, restore_lazy_guest_memory, save_guest_memory, VmLiveSave,
+};
+use mapped_ram_linux::{LazyOptions, LiveOptions, RestoreOptions, SaveOptions};
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+const HIGH: GuestAddress = GuestAddress(1 << 32);
+
+fn dir(name: &str) -> PathBuf {
+    let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn guest(low_mib: usize) -> GuestMemoryMmap<AtomicBitmap> {
+    let mem =
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), low_mib << 20), (HIGH, 1 << 20)]).unwrap();
+    for page in 0..(low_mib as u64) << 8 {
+        if page % 3 != 0 {
+            mem.write_obj(page ^ 0xdead_beef, GuestAddress(page << 12))
+                .unwrap();
+        }
+    }
+    mem.write_slice(b"above 4 GiB", HIGH).unwrap();
+    mem
+}
+
+/// All of a guest's memory, region by region.
+fn contents<B: vm_memory::bitmap::Bitmap>(mem: &GuestMemoryMmap<B>) -> Vec<Vec<u8>> {
+    mem.iter()
+        .map(|r| {
+            let mut v = vec![0u8; r.len() as usize];
+            mem.read_slice(&mut v, r.start_addr()).unwrap();
+            v
+        })
+        .collect()
+}
+
+const NAMES: [&str; 2] = ["pc.ram", "high.ram"];
+const LAYOUT: [(&str, GuestAddress); 2] = [("pc.ram", GuestAddress(0)), ("high.ram", HIGH)];
+
+#[test]
+fn live_save_with_a_writer_thread_restores_exactly() {
+    let d = dir("vm-live");
+    for iter in 0..10u64 {
+        let mem = guest(8);
+        let path = d.join(format!("vm-{iter}.mr"));
+        let stop = AtomicBool::new(false);
+        let opts = LiveOptions {
+            save: SaveOptions {
+                channels: 1 + (iter % 2) as usize,
+                fsync: false,
+                ..SaveOptions::default()
+            },
+            punch_holes: iter % 3 != 0,
+        };
+        let mut live = VmLiveSave::begin(&path, &mem, &NAMES, &opts).unwrap();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let mut i = iter;
+                while !stop.load(Ordering::Relaxed) {
+                    i = i
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    let page = (i >> 33) % 2048;
+                    if i % 5 == 0 {
+                        // The page turns zero.
+                        mem.write_slice(&[0u8; 4096], GuestAddress(page << 12))
+                            .unwrap();
+                    } else {
+                        mem.write_obj(i, GuestAddress((page << 12) + (i >> 20) % 512 * 8))
+                            .unwrap();
+                    }
+                    if i % 16 == 0 {
+                        std::thread::sleep(std::time::Duration::from_micros(10));
+                    }
+                }
+            });
+            live.pass().unwrap();
+            for _ in 0..3 {
+                live.pass().unwrap();
+            }
+            stop.store(true, Ordering::Relaxed);
+        });
+        let report = live.finish(None, None).unwrap();
+        assert_eq!(report.passes.len(), 5);
+        let expected = contents(&mem);
+        let (back, r) =
+            restore_guest_memory::<()>(&path, &LAYOUT, &RestoreOptions::default()).unwrap();
+        assert_eq!(r.blocks_restored.len(), 2);
+        assert!(
+            contents(&back) == expected,
+            "iteration {iter}: copy restore"
+        );
+        let (lazy, lr) =
+            restore_lazy_guest_memory::<AtomicBitmap>(&path, &LAYOUT, &LazyOptions::default())
+                .unwrap();
+        assert!(
+            contents(&lazy) == expected,
+            "iteration {iter}: lazy restore {lr:?}"
+        );
+        assert_eq!(lr.stale_pages_zeroed, 0);
+        std::fs::remove_file(&path).unwrap();
+    }
+}
+
+/// Writes that bypass `vm-memory` (a vCPU's) are only seen through the KVM log passed in.
+#[test]
+fn kvm_dirty_logs_are_ored_with_the_vm_memory_bitmaps() {
+    let d = dir("vm-kvm");
+    let mem = guest(4);
+    let path = d.join("vm.mr");
+    let mut live = VmLiveSave::begin(&path, &mem, &NAMES, &LiveOptions::default()).unwrap();
+    live.pass().unwrap();
+    // A "vCPU" writes page 10 straight through the host mapping (vm-memory does not see it)
+    // and KVM's log for the memory slot marks it.
+    let host = mem.get_host_address(GuestAddress(10 << 12)).unwrap();
+    // SAFETY: `host` points into the 4 MiB region mapped by `mem`, which lives for the whole
+    // test; the live save reads guest memory with volatile loads only.
+    unsafe { host.cast::<u64>().write_volatile(0x1234_5678) };
+    let kvm_low = vec![1u64 << 10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    let kvm_high = vec![0u64; 4];
+    let p = live.pass_with(Some(&[&kvm_low, &kvm_high])).unwrap();
+    assert_eq!(p.pages_dirty, 1);
+    let report = live.finish(None, None).unwrap();
+    assert_eq!(report.passes.last().unwrap().pages_dirty, 0);
+    let (back, _) = restore_guest_memory::<()>(&path, &LAYOUT, &RestoreOptions::default()).unwrap();
+    assert_eq!(
+        back.read_obj::<u64>(GuestAddress(10 << 12)).unwrap(),
+        0x1234_5678
+    );
+    assert!(contents(&back) == contents(&mem));
+}
+
+#[test]
+fn save_and_restore_a_paused_guest() {
+    let d = dir("vm-save");
+    let mem = guest(3);
+    let path = d.join("vm.mr");
+    let r = save_guest_memory(&path, &mem, &NAMES, &SaveOptions::default()).unwrap();
+    assert_eq!(r.ram_bytes, (4 << 20) as u64);
+    let (back, _) = restore_guest_memory::<()>(&path, &LAYOUT, &RestoreOptions::default()).unwrap();
+    assert!(contents(&back) == contents(&mem));
+    // Only the block asked for.
+    let (low, report) =
+        restore_guest_memory::<()>(&path, &LAYOUT[..1], &RestoreOptions::default()).unwrap();
+    assert_eq!(low.num_regions(), 1);
+    assert_eq!(report.blocks_skipped, ["high.ram"]);
+    // Names must match the regions.
+    let err = save_guest_memory(&path, &mem, &["pc.ram"], &SaveOptions::default()).unwrap_err();
+    assert!(err.to_string().contains("1 block names for 2"), "{err}");
+    let err = restore_guest_memory::<()>(
+        &path,
+        &[("nope", GuestAddress(0))],
+        &RestoreOptions::default(),
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("\"nope\" is not in the snapshot"),
+        "{err}"
+    );
+}
