@@ -9,7 +9,8 @@
 //! * incremental updates with dirty bitmaps and by comparison: only changed pages written
 //!   (counted), checksums kept valid, layout mismatches refused;
 //! * lazy restore equal to the copying restore for our files (default gaps, no gaps, offset
-//!   prefix) and for QEMU's files.
+//!   prefix) and for QEMU's files, including a QEMU file with stale bytes under clear bits
+//!   (which QEMU itself loads as zero).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -812,6 +813,102 @@ fn lazy_restore_of_qemu_files() {
             "QEMU leaves zero pages as holes: {r:?}"
         );
         eprintln!("{machine:?}: {r:?}");
+    }
+}
+
+/// QEMU leaves a page's old bytes in the file when the page turned zero in a later pass of a
+/// live migration: its bit is cleared, the bytes are not rewritten (spec §d.5). That state is
+/// forged here in a file QEMU wrote, by writing bytes under clear bits. QEMU itself loads
+/// those pages as zero, and so must the copying restore (into memory that is not zero) and the
+/// lazy restore (which maps the file, so it must not show what lies under a clear bit).
+#[test]
+fn stale_bytes_under_clear_bits_of_a_qemu_file_read_as_zero() {
+    use std::os::unix::fs::FileExt;
+    if require_qemu().is_none() {
+        return;
+    }
+    let dir = disk_temp_dir(Some(Path::new(env!("CARGO_TARGET_TMPDIR")))).unwrap();
+    let size = 32u64 << 20;
+    let image = pattern_image(size as usize, 61, 0.25, false);
+    let cfg = GuestConfig::new(MachineKind::None, size);
+    let path = dir.path().join("qemu-stale.mig");
+    qemu_save(&cfg, &image, &SaveOpts::new(&path)).unwrap_or_else(|e| panic!("{e}"));
+
+    let info = inspect(&path, 0).unwrap();
+    let block = info
+        .blocks
+        .iter()
+        .find(|b| b.name == MAIN_RAM_BLOCK)
+        .expect("the main block");
+    let bits = block.bitmap_ref();
+    let clear: Vec<u64> = (0..block.pages()).filter(|&p| !bits.test(p)).collect();
+    assert!(
+        clear.len() > 1000,
+        "the image has zero pages: {}",
+        clear.len()
+    );
+    // Every clear page of the first 4 MiB, plus every 7th clear page after it.
+    let stale: Vec<u64> = clear
+        .iter()
+        .copied()
+        .enumerate()
+        .filter(|&(i, p)| p < 1024 || i % 7 == 0)
+        .map(|(_, p)| p)
+        .collect();
+    let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    for &p in &stale {
+        let junk = vec![(p as u8) | 0x80; PAGE_SIZE];
+        file.write_all_at(&junk, block.layout.page_offset(p).unwrap())
+            .unwrap();
+    }
+    file.sync_all().unwrap();
+    drop(file);
+    assert_eq!(
+        raw(&path, block.layout.page_offset(stale[0]).unwrap(), 1)[0],
+        (stale[0] as u8) | 0x80,
+        "the stale bytes are in the file"
+    );
+
+    let loaded =
+        mapped_ram_tests::qemu::qemu_load(&cfg, &mapped_ram_tests::qemu::LoadOpts::new(&path))
+            .unwrap_or_else(|e| panic!("QEMU could not load the file with stale bytes: {e}"));
+    assert_same(
+        "QEMU's own load of stale bytes under clear bits",
+        &image,
+        &loaded.ram.read().unwrap(),
+    );
+    let copied = restore_all(&path, &[(MAIN_RAM_BLOCK, size as usize)], 0);
+    assert_same("copying restore", &image, &copied[0]);
+    for max_zero_maps in [0usize, 4096] {
+        let opts = LazyOptions {
+            max_zero_maps,
+            ..LazyOptions::default()
+        };
+        let lazy = restore_lazy(&path, &[MAIN_RAM_BLOCK], &opts).unwrap();
+        assert_same(
+            &format!("lazy restore, max_zero_maps {max_zero_maps}"),
+            &image,
+            lazy.block(MAIN_RAM_BLOCK).unwrap().mapping().as_slice(),
+        );
+        let r = &lazy.report;
+        assert_eq!(r.zero_pages, clear.len() as u64, "{r:?}");
+        assert_eq!(
+            r.zero_pages_in_holes,
+            (clear.len() - stale.len()) as u64,
+            "only the forged pages are not holes: {r:?}"
+        );
+        assert_eq!(
+            r.zero_pages_mapped + r.zero_pages_checked,
+            stale.len() as u64,
+            "every forged page is zero-mapped or checked: {r:?}"
+        );
+        assert_eq!(
+            r.stale_pages_zeroed, r.zero_pages_checked,
+            "every checked forged page held bytes and was zeroed: {r:?}"
+        );
+        if max_zero_maps == 0 {
+            assert_eq!(r.zero_pages_mapped, 0, "{r:?}");
+        }
     }
 }
 
