@@ -181,6 +181,10 @@ pub struct RestoreArgs {
     /// Tuning: longest run of clear-bit pages read inside one read (then zeroed).
     #[arg(long, value_name = "PAGES")]
     pub read_gap_pages: Option<u64>,
+    /// Tuning: do not fault in destination memory per chunk before reading into it
+    /// (`MADV_POPULATE_WRITE`); pages are then faulted in one by one as they are written.
+    #[arg(long)]
+    pub no_populate: bool,
     /// Check every page read against its stored checksum (files saved with checksums).
     #[arg(long)]
     pub verify_checksums: bool,
@@ -508,6 +512,7 @@ fn cmd_restore(a: RestoreArgs, json: bool) -> Result<Value, CliError> {
             .read_gap_pages
             .unwrap_or(RestoreOptions::default().max_gap_pages),
         verify_checksums: a.verify_checksums,
+        populate: !a.no_populate,
         ..RestoreOptions::default()
     };
     let bar = progress_bar(json, "restore");

@@ -13,7 +13,7 @@ use mapped_ram_core::layout::BlockLayout;
 use mapped_ram_core::stream::{Decoder, Tail};
 use rustix::fs::OFlags;
 
-use crate::error::{FormatError, IoFailure, Op};
+use crate::error::{FormatError, IoFailure, Op, RestoreErrorKind};
 use crate::file::{self, FdSource};
 use crate::integrity::{self, Integrity, StreamShape};
 
@@ -90,6 +90,21 @@ impl SnapshotInfo {
     /// The block named `name`.
     pub fn block(&self, name: &str) -> Option<&BlockInfo> {
         self.blocks.iter().find(|b| b.name == name)
+    }
+
+    /// The block named `name`, or the restore error that names it and lists the blocks the
+    /// snapshot holds.
+    pub fn block_for_restore(&self, name: &str) -> Result<&BlockInfo, RestoreErrorKind> {
+        self.block(name)
+            .ok_or_else(|| RestoreErrorKind::UnknownBlock {
+                name: name.into(),
+                available: self
+                    .blocks
+                    .iter()
+                    .map(|b| b.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
     }
 
     /// End of the device state: the start of the checksum table, or the end of the file.

@@ -202,20 +202,7 @@ pub(crate) fn choose_blocks<'i>(
     } else {
         let mut v = Vec::with_capacity(names.len());
         for name in names {
-            let Some(b) = info.block(name) else {
-                let available = info
-                    .blocks
-                    .iter()
-                    .map(|b| b.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ");
-                return Err(RestoreErrorKind::UnknownBlock {
-                    name: (*name).into(),
-                    available,
-                }
-                .into());
-            };
-            v.push(b);
+            v.push(info.block_for_restore(name)?);
         }
         v
     };

@@ -59,8 +59,8 @@ use crate::integrity;
 use crate::mem::GuestMemory;
 use crate::progress::Cancel;
 use crate::save::{
-    self, check_regions, open_channels, parent_dir, ChannelOpenError, Plan, SaveOptions,
-    SaveReport, TempFile, ZeroPages,
+    self, open_channels, parent_dir, ChannelOpenError, Plan, SaveOptions, SaveReport, TempFile,
+    ZeroPages,
 };
 use crate::sys::AlignedBuf;
 use crate::zero;
@@ -636,23 +636,12 @@ impl<'m> LiveSave<'m> {
     ) -> Result<Self, SaveError> {
         let started = Instant::now();
         let so = &opts.save;
-        if so.channels == 0 || so.channels > 255 {
-            return Err(SaveError::Options(format!(
-                "channels must be between 1 and 255, not {}",
-                so.channels
-            )));
-        }
-        let page_size = check_regions(
+        let page_size = save::check_options(
+            so,
             regions
                 .iter()
                 .map(|r| (r.name, r.memory.len() as u64, r.page_size)),
         )?;
-        if so.chunk_bytes < page_size || so.chunk_bytes % page_size != 0 {
-            return Err(SaveError::Options(format!(
-                "chunk size {} is not a multiple of the page size {page_size}",
-                so.chunk_bytes
-            )));
-        }
         let blocks: Vec<(&str, u64)> = regions
             .iter()
             .map(|r| (r.name, r.memory.len() as u64))

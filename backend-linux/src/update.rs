@@ -50,8 +50,8 @@ use crate::integrity;
 use crate::live::{self, Dirty, LiveRegion, PassEngine, PassIo};
 use crate::progress::Cancel;
 use crate::save::{
-    self, check_regions, open_channels, parent_dir, ChannelOpenError, Plan, PlannedIntegrity,
-    SaveOptions, TempFile,
+    self, open_channels, parent_dir, ChannelOpenError, Plan, PlannedIntegrity, SaveOptions,
+    TempFile,
 };
 use crate::zero;
 
@@ -315,26 +315,12 @@ pub fn update(
 ) -> Result<UpdateReport, UpdateError> {
     let started = Instant::now();
     let so = &opts.save;
-    if so.channels == 0 || so.channels > 255 {
-        return Err(SaveError::Options(format!(
-            "channels must be between 1 and 255, not {}",
-            so.channels
-        ))
-        .into());
-    }
-    let page_size = check_regions(
+    let page_size = save::check_options(
+        so,
         regions
             .iter()
             .map(|r| (r.name, r.memory.len() as u64, r.page_size)),
-    )
-    .map_err(SaveError::from)?;
-    if so.chunk_bytes < page_size || so.chunk_bytes % page_size != 0 {
-        return Err(SaveError::Options(format!(
-            "chunk size {} is not a multiple of the page size {page_size}",
-            so.chunk_bytes
-        ))
-        .into());
-    }
+    )?;
     let snap = open_snapshot(path, so.offset)?;
     let info = &snap.info;
     let chosen = match_blocks(path, &info.blocks, regions)?;

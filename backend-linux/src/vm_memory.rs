@@ -223,19 +223,7 @@ pub fn restore_guest_memory<B: NewBitmap>(
     let layout = sorted_by_address(layout);
     let mut regions = Vec::with_capacity(layout.len());
     for (name, addr) in &layout {
-        let Some(block) = info.block(name) else {
-            let available = info
-                .blocks
-                .iter()
-                .map(|b| b.name.as_str())
-                .collect::<Vec<_>>()
-                .join(", ");
-            return Err(RestoreErrorKind::UnknownBlock {
-                name: (*name).into(),
-                available,
-            }
-            .into());
-        };
+        let block = info.block_for_restore(name)?;
         let len = usize::try_from(block.layout.length)
             .map_err(|_| RestoreErrorKind::Options(format!("block {name:?} is too large")))?;
         let region = GuestRegionMmap::<B>::from_range(*addr, len, None).map_err(|e| {
