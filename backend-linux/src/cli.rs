@@ -131,6 +131,10 @@ pub struct SaveArgs {
     /// Tuning: longest run of zero pages written inside one write instead of splitting it.
     #[arg(long, value_name = "PAGES")]
     pub write_gap_pages: Option<u64>,
+    /// Tuning: do not allocate the page regions before O_DIRECT writes (`fallocate`; long
+    /// zero runs are punched out again afterwards).
+    #[arg(long)]
+    pub no_preallocate: bool,
     /// Update the existing snapshot FILE instead: compare every page of the RAM files with it
     /// and write only the pages that differ, into a copy that replaces FILE atomically.
     #[arg(long)]
@@ -370,6 +374,7 @@ fn cmd_save(a: SaveArgs, json: bool) -> Result<Value, CliError> {
             .write_gap_pages
             .unwrap_or(SaveOptions::default().max_gap_pages),
         checksums: a.checksums,
+        preallocate: !a.no_preallocate,
         ..SaveOptions::default()
     };
     if a.update {

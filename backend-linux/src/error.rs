@@ -43,6 +43,9 @@ pub enum Op {
     Remove,
     /// `pwrite(2)` of the page checksum table or its records (see [`crate::integrity`]).
     WriteChecksums,
+    /// `fallocate(2)` of a page region before `O_DIRECT` writes, or of a hole punched in it
+    /// afterwards (see [`crate::save::SaveOptions::preallocate`]).
+    Allocate,
 }
 
 impl fmt::Display for Op {
@@ -64,6 +67,7 @@ impl fmt::Display for Op {
             Op::ReadDeviceState => "read of the device state",
             Op::Remove => "removal",
             Op::WriteChecksums => "write of page checksums",
+            Op::Allocate => "fallocate of page space",
         })
     }
 }

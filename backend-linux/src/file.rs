@@ -379,6 +379,48 @@ pub(crate) fn set_len(fd: BorrowedFd<'_>, len: u64) -> io::Result<()> {
     retrying(Op::Truncate, || rfs::ftruncate(fd, len).map_err(io_err))
 }
 
+/// Allocates `len` bytes of disk space at `offset` without changing the file size
+/// (`fallocate(2)` with `FALLOC_FL_KEEP_SIZE`); the range reads as zeros until written.
+/// Returns `Ok(false)` where the file system cannot do it (`EOPNOTSUPP`).
+///
+/// See [fallocate(2)](https://man7.org/linux/man-pages/man2/fallocate.2.html).
+pub(crate) fn allocate(fd: BorrowedFd<'_>, offset: u64, len: u64) -> io::Result<bool> {
+    fallocate(fd, rfs::FallocateFlags::KEEP_SIZE, offset, len)
+}
+
+/// Deallocates `len` bytes at `offset` (`fallocate(2)` with `FALLOC_FL_PUNCH_HOLE |
+/// FALLOC_FL_KEEP_SIZE`); the range then reads as zeros and takes no disk space.
+/// Returns `Ok(false)` where the file system cannot do it (`EOPNOTSUPP`).
+pub(crate) fn punch_hole(fd: BorrowedFd<'_>, offset: u64, len: u64) -> io::Result<bool> {
+    fallocate(
+        fd,
+        rfs::FallocateFlags::PUNCH_HOLE | rfs::FallocateFlags::KEEP_SIZE,
+        offset,
+        len,
+    )
+}
+
+fn fallocate(
+    fd: BorrowedFd<'_>,
+    flags: rfs::FallocateFlags,
+    offset: u64,
+    len: u64,
+) -> io::Result<bool> {
+    match retrying(Op::Allocate, || {
+        rfs::fallocate(fd, flags, offset, len).map_err(io_err)
+    }) {
+        Ok(()) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(Errno::OPNOTSUPP.raw_os_error()) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// `true` when `fd` is on tmpfs, where space is memory and allocating it ahead gains nothing.
+pub(crate) fn is_tmpfs(fd: BorrowedFd<'_>) -> bool {
+    #[allow(clippy::unnecessary_cast)]
+    rfs::fstatfs(fd).is_ok_and(|st| st.f_type as u64 == 0x0102_1994)
+}
+
 /// File size from `fstat(2)`.
 pub(crate) fn file_size(fd: BorrowedFd<'_>) -> io::Result<u64> {
     retrying(Op::Stat, || {

@@ -96,9 +96,28 @@ pub struct SaveOptions {
     /// look (see [`crate::integrity`]); `verify` then checks every page without the RAM.
     /// On by default: it costs less than 5 % of the save time (RELIABILITY.md).
     pub checksums: bool,
+    /// With `O_DIRECT`, allocate each block's page region (`fallocate(2)`) before the channels
+    /// write, then punch the runs of at least [`PUNCH_MIN_PAGES`] zero pages back out.
+    ///
+    /// On ext4 an `O_DIRECT` write into a hole allocates blocks and so takes the inode lock
+    /// exclusively: the channels' writes queue behind each other. Into allocated (unwritten)
+    /// space they run in parallel. Measured on this project's ext4 development disk: 10–25 %
+    /// faster saves (BENCHMARKS.md). The file stays about as sparse as without it: zero runs
+    /// shorter than [`PUNCH_MIN_PAGES`] outside written extents stay allocated (ext4 even
+    /// writes zeros into such small unwritten gaps itself), which costs a little disk space
+    /// (+0.3 % for a guest with 25 % scattered zero pages) and makes them data, not holes, to
+    /// `SEEK_HOLE`.
+    ///
+    /// Skipped for buffered writes, on tmpfs, where the file system cannot allocate, and with
+    /// [`max_gap_pages`](Self::max_gap_pages) `0` — the policy that asks for a hole under every
+    /// zero page (so that a [lazy restore](crate::lazy) maps it without reading it).
+    pub preallocate: bool,
     /// Cancellation handle.
     pub cancel: Option<Cancel>,
 }
+
+/// Shortest run of zero pages that [`SaveOptions::preallocate`] punches back out of the file.
+pub const PUNCH_MIN_PAGES: u64 = 16;
 
 impl Default for SaveOptions {
     fn default() -> Self {
@@ -114,6 +133,7 @@ impl Default for SaveOptions {
             chunk_bytes: schedule::DEFAULT_MAX_IO,
             max_gap_pages: policy.max_gap_pages,
             checksums: true,
+            preallocate: true,
             cancel: None,
         }
     }
@@ -596,6 +616,20 @@ fn write_snapshot(
     let cancelled = || opts.cancel.as_ref().is_some_and(Cancel::is_cancelled);
     let file_size = plan.file_size();
     file::set_len(main, file_size).map_err(io(Op::Truncate, Some(file_size)))?;
+    let preallocated =
+        direct && opts.preallocate && opts.max_gap_pages > 0 && !file::is_tmpfs(main) && {
+            let mut all = true;
+            for l in plan.layouts.iter().filter(|l| !l.is_empty()) {
+                let len = l.pages_end() - l.pages_offset;
+                if !file::allocate(main, l.pages_offset, len)
+                    .map_err(io(Op::Allocate, Some(l.pages_offset)))?
+                {
+                    all = false;
+                    break;
+                }
+            }
+            all
+        };
     file::write_all_at(main, &plan.head, opts.offset, Op::WriteStream)
         .map_err(io(Op::WriteStream, Some(opts.offset)))?;
     for (layout, record) in plan.layouts.iter().zip(&plan.records) {
@@ -687,9 +721,20 @@ fn write_snapshot(
         let mut snap = vec![0u64; words.len()];
         map.snapshot(&mut snap)
             .map_err(|e| SaveError::Options(e.to_string()))?;
-        pages_stored += Bitmap::new(&mut snap, layout.num_pages())
-            .map(|b| b.count_ones())
-            .unwrap_or(0);
+        let stored = Bitmap::new(&mut snap, layout.num_pages())
+            .map_err(|e| SaveError::Options(e.to_string()))?;
+        pages_stored += stored.count_ones();
+        if preallocated {
+            // Long zero runs become holes again, as they are without preallocation.
+            for run in stored.as_ref().runs_in(0..layout.num_pages(), false) {
+                if run.end - run.start < PUNCH_MIN_PAGES {
+                    continue;
+                }
+                let at = layout.pages_offset + run.start * page_size;
+                file::punch_hole(main, at, (run.end - run.start) * page_size)
+                    .map_err(io(Op::Allocate, Some(at)))?;
+            }
+        }
         let mut bytes = vec![0u8; snap.len() * 8];
         bitmap::encode_le(&snap, &mut bytes).map_err(|e| SaveError::Options(e.to_string()))?;
         file::write_all_at(main, &bytes, layout.bitmap_offset, Op::WriteBitmap)

@@ -29,6 +29,7 @@ const EAGAIN: i32 = 11;
 const EINVAL: i32 = 22;
 const ENOSPC: i32 = 28;
 const EROFS: i32 = 30;
+const EOPNOTSUPP: i32 = 95;
 
 /// A scratch directory on the disk file system of the target directory (ext4 here).
 fn disk_dir(name: &str) -> PathBuf {
@@ -39,18 +40,34 @@ fn disk_dir(name: &str) -> PathBuf {
     dir
 }
 
-/// The guest: two blocks of different sizes, scattered zero pages.
+/// The guest: two blocks of different sizes, scattered zero pages, and in the first block one
+/// run of 256 zero pages (long enough to be punched out after preallocation).
 struct Guest {
     ram: Vec<u8>,
     bios: Vec<u8>,
 }
 
+/// Pages of `pc.ram` that are zero in every guest.
+const ZERO_RUN: std::ops::Range<usize> = 512..768;
+
 impl Guest {
     fn new(seed: u64) -> Guest {
+        let mut ram = pattern_image(6 << 20, seed, 0.25, false);
+        ram[ZERO_RUN.start * PS as usize..ZERO_RUN.end * PS as usize].fill(0);
         Guest {
-            ram: pattern_image(6 << 20, seed, 0.25, false),
+            ram,
             bios: pattern_image(256 << 10, seed + 1000, 0.1, false),
         }
+    }
+
+    /// The first page of the maximal run of zero pages of `pc.ram` around [`ZERO_RUN`].
+    fn zero_run_start(&self) -> u64 {
+        let page = |p: usize| &self.ram[p * PS as usize..(p + 1) * PS as usize];
+        let mut first = ZERO_RUN.start;
+        while first > 0 && page(first - 1).iter().all(|&b| b == 0) {
+            first -= 1;
+        }
+        first as u64
     }
 
     fn regions(&self) -> [SaveRegion<'_>; 2] {
@@ -305,6 +322,35 @@ fn save_faults_keep_the_previous_snapshot_and_name_op_path_offset() {
                     }
                 }
             }
+        }
+        // Preallocation (O_DIRECT only): each block's fallocate, then the hole punched for the
+        // long zero run, with EIO and ENOSPC at every call.
+        let calls = count_calls(&s, Op::Allocate, &o);
+        if direct == DirectIo::On {
+            assert_eq!(calls, 3, "two fallocates and one hole punch");
+            let expected = [
+                b0.pages_offset,
+                b1.pages_offset,
+                b0.pages_offset + s.b.zero_run_start() * PS,
+            ];
+            for skip in 0..calls {
+                for errno in [EIO, ENOSPC] {
+                    let f = s.expect_failure(
+                        fault(Op::Allocate, skip, 1, FaultKind::Errno(errno)),
+                        &o,
+                        errno,
+                    );
+                    cases += 1;
+                    assert_eq!(f.op, Op::Allocate);
+                    assert!(s.is_temp(&f.path), "{}", f.path.display());
+                    assert_eq!(f.offset, Some(expected[skip as usize]), "call {skip}");
+                }
+            }
+            // A file system that cannot allocate: the save goes on without preallocation.
+            s.expect_transparent(fault(Op::Allocate, 0, 1, FaultKind::Errno(EOPNOTSUPP)), &o);
+            cases += 1;
+        } else {
+            assert_eq!(calls, 0, "no preallocation for buffered writes");
         }
         // fdatasync, truncate, rename.
         let f = s.expect_failure(fault(Op::Sync, 0, 1, FaultKind::Errno(EIO)), &o, EIO);
@@ -1111,4 +1157,56 @@ fn kill_9_during_cli_saves_never_loses_the_snapshot() {
         full[0], full[1]
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Preallocation (`SaveOptions::preallocate`, on by default with `O_DIRECT`) leaves the long
+/// zero run a hole, takes no more disk space than a save without it beyond the short zero
+/// runs it keeps allocated, and gives byte-identical files.
+#[test]
+fn preallocation_keeps_long_zero_runs_as_holes() {
+    use std::os::unix::fs::MetadataExt;
+    use std::os::unix::io::AsRawFd;
+    let _g = fault::serial();
+    let dir = disk_dir("prealloc");
+    let guest = Guest::new(7);
+    let mut files = Vec::new();
+    for preallocate in [true, false] {
+        let path = dir.join(format!("prealloc-{preallocate}.mr"));
+        let o = SaveOptions {
+            preallocate,
+            ..opts(DirectIo::On, 2)
+        };
+        fault::clear();
+        fault::inject(fault(Op::Allocate, 0, 0, FaultKind::Errno(EIO)));
+        let report = save(&path, &guest.regions(), &o, None).unwrap();
+        let allocs = fault::seen(Op::Allocate);
+        fault::clear();
+        assert!(report.direct_io);
+        assert_eq!(allocs, if preallocate { 3 } else { 0 }, "fallocate calls");
+        let info = inspect(&path, 0).unwrap();
+        let ram = &info.blocks[0].layout;
+        let hole_start = ram.pages_offset + ZERO_RUN.start as u64 * PS;
+        let f = std::fs::File::open(&path).unwrap();
+        // SAFETY: plain lseek(2) on a descriptor we own.
+        let next_data = unsafe { libc::lseek(f.as_raw_fd(), hole_start as i64, libc::SEEK_DATA) };
+        assert!(
+            next_data as u64 >= ram.pages_offset + ZERO_RUN.end as u64 * PS,
+            "preallocate {preallocate}: data at {next_data:#x} inside the zero run"
+        );
+        let v = verify(&path, 0, &guest.regions()).unwrap();
+        assert!(v.ok(), "{:?} {:?}", v.mismatches, v.corrupt);
+        let bytes = std::fs::metadata(&path).unwrap().blocks() * 512;
+        files.push((std::fs::read(&path).unwrap(), bytes));
+        std::fs::remove_file(&path).unwrap();
+    }
+    assert!(files[0].0 == files[1].0, "same bytes with and without");
+    let (with, without) = (files[0].1, files[1].1);
+    // Short zero runs at chunk edges may stay allocated: at most 15 pages on each side of each
+    // 1 MiB chunk.
+    let chunks = (guest.ram.len() + guest.bios.len()).div_ceil(1 << 20) as u64;
+    assert!(
+        with >= without && with - without <= chunks * 2 * 15 * PS,
+        "allocated {with} bytes with preallocation, {without} without"
+    );
+    eprintln!("allocated: {with} bytes with preallocation, {without} without");
 }
