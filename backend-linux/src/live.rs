@@ -51,7 +51,7 @@ use std::time::{Duration, Instant};
 use mapped_ram_core::bitmap::{self, words_for, AtomicBitmap, Bitmap, BitmapRef};
 use mapped_ram_core::layout::BlockLayout;
 use mapped_ram_core::schedule::{self, Chunk, WorkQueue, WritePolicy};
-use rustix::fs::{FallocateFlags, OFlags};
+use rustix::fs::FallocateFlags;
 
 use crate::error::{IoFailure, Op, SaveError};
 use crate::file;
@@ -59,8 +59,7 @@ use crate::integrity;
 use crate::mem::GuestMemory;
 use crate::progress::Cancel;
 use crate::save::{
-    self, open_channels, parent_dir, ChannelOpenError, Plan, SaveOptions, SaveReport, TempFile,
-    ZeroPages,
+    self, open_channels, parent_dir, Plan, SaveOptions, SaveReport, TempFile, ZeroPages,
 };
 use crate::sys::AlignedBuf;
 use crate::zero;
@@ -636,51 +635,21 @@ impl<'m> LiveSave<'m> {
     ) -> Result<Self, SaveError> {
         let started = Instant::now();
         let so = &opts.save;
-        let page_size = save::check_options(
-            so,
-            regions
-                .iter()
-                .map(|r| (r.name, r.memory.len() as u64, r.page_size)),
-        )?;
-        let blocks: Vec<(&str, u64)> = regions
+        let blocks: Vec<(&str, u64, u64)> = regions
             .iter()
-            .map(|r| (r.name, r.memory.len() as u64))
+            .map(|r| (r.name, r.memory.len() as u64, r.page_size))
             .collect();
-        let mut plan = save::plan(&blocks, page_size, &so.machine, so.offset, None)?;
-        if so.checksums {
-            plan = plan.with_checksums()?;
-        }
-        let (tmp_path, prefix) = save::temp_name(path);
-        let stale = save::remove_stale_temporaries(path, &prefix);
-        let main = file::open(
-            &tmp_path,
-            OFlags::RDWR | OFlags::CREATE | OFlags::EXCL,
-            0o600,
-        )
-        .map_err(|e| IoFailure::new(Op::Open, &tmp_path, None, e))?;
-        let temp = TempFile {
-            path: tmp_path.clone(),
-            committed: false,
-        };
+        // The device state comes at `finish`.
+        let (plan, page_size) = save::plan_blocks(&blocks, so, None)?;
+        let (temp, main, stale) = save::create_temp(path, 0o600)?;
+        let tmp_path = temp.path.clone();
         if so.offset > 0 {
             save::copy_prefix(path, main.as_fd(), so.offset, &tmp_path)?;
         }
-        let probe = plan
-            .layouts
-            .iter()
-            .find(|l| l.length >= page_size)
-            .map(|l| l.pages_offset);
+        let probe = save::probe_offset(&plan.layouts, page_size);
         let (channels, direct, fallback) =
-            open_channels(&tmp_path, true, so.channels, so.direct_io, probe).map_err(
-                |e| match e {
-                    ChannelOpenError::Refused(r) => SaveError::DirectIoRefused {
-                        path: path.to_path_buf(),
-                        filesystem: r.filesystem,
-                        source: r.source,
-                    },
-                    ChannelOpenError::Io(f) => SaveError::Io(f),
-                },
-            )?;
+            open_channels(&tmp_path, true, so.channels, so.direct_io, probe)
+                .map_err(|e| e.into_save_error(path))?;
         let io = |op: Op, offset: Option<u64>| {
             let p = tmp_path.clone();
             move |e: std::io::Error| SaveError::Io(IoFailure::new(op, p, offset, e))

@@ -289,10 +289,7 @@ fn restore_engine<'o>(
         }
         _ => None,
     };
-    let probe = layouts
-        .iter()
-        .find(|l| !l.is_empty() && l.length >= page_size)
-        .map(|l| l.pages_offset);
+    let probe = crate::save::probe_offset(&layouts, page_size);
     let (channels, direct, fallback) = open(probe)?;
     let fds = channels.fds();
     let queue = WorkQueue::new(&layouts, opts.chunk_bytes)

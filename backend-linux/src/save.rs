@@ -402,6 +402,35 @@ pub(crate) fn parent_dir(target: &Path) -> PathBuf {
 }
 
 /// Removes temporary files left by saves of the same target whose process is gone.
+/// Creates the temporary file a save writes beside `target` (`O_EXCL`, with `mode`), after
+/// removing the temporaries that earlier, killed saves of `target` left behind. Returns the
+/// guard that removes the file unless committed, its descriptor, and the stale files removed.
+pub(crate) fn create_temp(
+    target: &Path,
+    mode: u32,
+) -> Result<(TempFile, OwnedFd, Vec<PathBuf>), IoFailure> {
+    let (path, prefix) = temp_name(target);
+    let stale = remove_stale_temporaries(target, &prefix);
+    let fd = file::open(&path, OFlags::RDWR | OFlags::CREATE | OFlags::EXCL, mode)
+        .map_err(|e| IoFailure::new(Op::Open, &path, None, e))?;
+    Ok((
+        TempFile {
+            path,
+            committed: false,
+        },
+        fd,
+        stale,
+    ))
+}
+
+/// Where `O_DIRECT` is probed: the first page of the first block that has a page region.
+pub(crate) fn probe_offset(layouts: &[BlockLayout], page_size: u64) -> Option<u64> {
+    layouts
+        .iter()
+        .find(|l| !l.is_empty() && l.length >= page_size)
+        .map(|l| l.pages_offset)
+}
+
 pub(crate) fn remove_stale_temporaries(target: &Path, prefix: &str) -> Vec<PathBuf> {
     let mut removed = Vec::new();
     let Ok(entries) = std::fs::read_dir(parent_dir(target)) else {
@@ -445,22 +474,29 @@ pub(crate) fn check_options<'n>(
 
 /// Checks the options and regions and lays out the file; returns the plan and page size.
 fn prepare(regions: &[SaveRegion<'_>], opts: &SaveOptions) -> Result<(Plan, u64), SaveError> {
-    let page_size = check_options(
-        opts,
-        regions
-            .iter()
-            .map(|r| (r.name, r.memory.len() as u64, r.page_size)),
-    )?;
-    let blocks: Vec<(&str, u64)> = regions
+    let blocks: Vec<(&str, u64, u64)> = regions
         .iter()
-        .map(|r| (r.name, r.memory.len() as u64))
+        .map(|r| (r.name, r.memory.len() as u64, r.page_size))
         .collect();
+    plan_blocks(&blocks, opts, opts.device_state.as_deref())
+}
+
+/// [`check_options`] for `blocks` (name, length, page size), then the file's layout with
+/// `device_state` after RAM, and page checksums if the options ask for them; returns the plan
+/// and the page size.
+pub(crate) fn plan_blocks(
+    blocks: &[(&str, u64, u64)],
+    opts: &SaveOptions,
+    device_state: Option<&[u8]>,
+) -> Result<(Plan, u64), SaveError> {
+    let page_size = check_options(opts, blocks.iter().copied())?;
+    let names_lengths: Vec<(&str, u64)> = blocks.iter().map(|&(n, l, _)| (n, l)).collect();
     let mut plan = plan(
-        &blocks,
+        &names_lengths,
         page_size,
         &opts.machine,
         opts.offset,
-        opts.device_state.as_deref(),
+        device_state,
     )?;
     if opts.checksums {
         plan = plan.with_checksums()?;
@@ -492,38 +528,16 @@ pub fn save(
 ) -> Result<SaveReport, SaveError> {
     let started = Instant::now();
     let (plan, page_size) = prepare(regions, opts)?;
-    let (tmp_path, prefix) = temp_name(path);
-    let stale_temporaries_removed = remove_stale_temporaries(path, &prefix);
-    let main = file::open(
-        &tmp_path,
-        OFlags::RDWR | OFlags::CREATE | OFlags::EXCL,
-        0o600,
-    )
-    .map_err(|e| IoFailure::new(Op::Open, &tmp_path, None, e))?;
-    let mut temp = TempFile {
-        path: tmp_path.clone(),
-        committed: false,
-    };
+    let (mut temp, main, stale_temporaries_removed) = create_temp(path, 0o600)?;
+    let tmp_path = temp.path.clone();
     // The prefix of `file:PATH,offset=N` belongs to someone else: keep the target's bytes.
     if opts.offset > 0 {
         copy_prefix(path, main.as_fd(), opts.offset, &tmp_path)?;
     }
-    let probe = plan
-        .layouts
-        .iter()
-        .find(|l| l.length >= page_size)
-        .map(|l| l.pages_offset);
+    let probe = probe_offset(&plan.layouts, page_size);
     let (fds, direct, fallback) =
-        open_channels(&tmp_path, true, opts.channels, opts.direct_io, probe).map_err(
-            |e| match e {
-                ChannelOpenError::Refused(r) => SaveError::DirectIoRefused {
-                    path: path.to_path_buf(),
-                    filesystem: r.filesystem,
-                    source: r.source,
-                },
-                ChannelOpenError::Io(f) => SaveError::Io(f),
-            },
-        )?;
+        open_channels(&tmp_path, true, opts.channels, opts.direct_io, probe)
+            .map_err(|e| e.into_save_error(path))?;
     let channel_fds: Vec<BorrowedFd<'_>> = fds.iter().map(|f| f.as_fd()).collect();
     let mut report = write_snapshot(
         main.as_fd(),
@@ -859,6 +873,20 @@ pub(crate) fn copy_prefix(
 pub(crate) enum ChannelOpenError {
     Refused(file::DirectRefused),
     Io(IoFailure),
+}
+
+impl ChannelOpenError {
+    /// The save error: `O_DIRECT` refused for a save to `target`, or the failure itself.
+    pub(crate) fn into_save_error(self, target: &Path) -> SaveError {
+        match self {
+            ChannelOpenError::Refused(r) => SaveError::DirectIoRefused {
+                path: target.to_path_buf(),
+                filesystem: r.filesystem,
+                source: r.source,
+            },
+            ChannelOpenError::Io(f) => SaveError::Io(f),
+        }
+    }
 }
 
 /// Opens `n` channel descriptors; returns them, whether they use `O_DIRECT`, and why `auto`

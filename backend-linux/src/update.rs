@@ -40,7 +40,7 @@ use std::time::Instant;
 use mapped_ram_core::bitmap::{words_for, AtomicBitmap};
 use mapped_ram_core::layout::BlockLayout;
 use mapped_ram_core::schedule::WorkQueue;
-use rustix::fs::{OFlags, SeekFrom};
+use rustix::fs::SeekFrom;
 use rustix::io::Errno;
 
 use crate::error::{FormatError, IoFailure, Op, SaveError};
@@ -51,7 +51,6 @@ use crate::live::{self, Dirty, LiveRegion, PassEngine, PassIo};
 use crate::progress::Cancel;
 use crate::save::{
     self, open_channels, parent_dir, ChannelOpenError, Plan, PlannedIntegrity, SaveOptions,
-    TempFile,
 };
 use crate::zero;
 
@@ -365,21 +364,11 @@ pub fn update(
     }
 
     // The copy.
-    let (tmp_path, prefix) = save::temp_name(path);
-    let stale = save::remove_stale_temporaries(path, &prefix);
     let mode = rustix::fs::fstat(snap.fd.as_fd())
         .map(|st| st.st_mode & 0o7777)
         .unwrap_or(0o600);
-    let main = file::open(
-        &tmp_path,
-        OFlags::RDWR | OFlags::CREATE | OFlags::EXCL,
-        mode,
-    )
-    .map_err(|e| IoFailure::new(Op::Open, &tmp_path, None, e))?;
-    let mut temp = TempFile {
-        path: tmp_path.clone(),
-        committed: false,
-    };
+    let (mut temp, main, stale) = save::create_temp(path, mode)?;
+    let tmp_path = temp.path.clone();
     let (copy, copy_bytes) = clone_or_copy(
         snap.fd.as_fd(),
         main.as_fd(),
@@ -390,10 +379,7 @@ pub fn update(
     )?;
 
     // The changed pages.
-    let probe = layouts
-        .iter()
-        .find(|l| l.length >= page_size)
-        .map(|l| l.pages_offset);
+    let probe = save::probe_offset(&layouts, page_size);
     let (channels, direct) = open_update_channels(&tmp_path, so.channels, so.direct_io, probe)?;
     let mut engine = PassEngine::new(layouts.clone(), page_size, so, opts.punch_holes, false);
     for (block, info_block) in chosen.iter().enumerate() {
@@ -753,12 +739,8 @@ fn open_update_channels(
         }
     }
     let (fds, is_direct, _) = open_channels(tmp, true, n, direct, None).map_err(|e| match e {
-        ChannelOpenError::Refused(r) => UpdateError::Save(SaveError::DirectIoRefused {
-            path: tmp.to_path_buf(),
-            filesystem: r.filesystem,
-            source: r.source,
-        }),
-        ChannelOpenError::Io(f) => f.into(),
+        ChannelOpenError::Io(f) => UpdateError::from(f),
+        refused => refused.into_save_error(tmp).into(),
     })?;
     Ok((fds, is_direct))
 }
