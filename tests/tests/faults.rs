@@ -21,6 +21,7 @@ use mapped_ram_linux::{
 };
 use mapped_ram_tests::image::pattern_image;
 use mapped_ram_tests::qemu::running_in_ci;
+use mapped_ram_tests::support::{cli_binary, Rng};
 
 const PS: u64 = 4096;
 const EINTR: i32 = 4;
@@ -1002,23 +1003,6 @@ fn read_only_directory_is_a_clear_error() {
 // ------------------------------------------------------------------------------------------
 
 /// The `mapped-ram` binary next to the test executable (`target/<profile>/mapped-ram`).
-fn cli_binary() -> Option<PathBuf> {
-    let exe = std::env::current_exe().ok()?;
-    let bin = exe.parent()?.parent()?.join("mapped-ram");
-    bin.is_file().then_some(bin)
-}
-
-/// xorshift64* for reproducible random delays.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-}
 
 #[test]
 fn kill_9_during_cli_saves_never_loses_the_snapshot() {
@@ -1093,7 +1077,7 @@ fn kill_9_during_cli_saves_never_loses_the_snapshot() {
         // From 0 to a little past a full save, so that some saves finish or get killed
         // between their rename and their exit.
         let span = full[usize::from(fsync)].as_micros() as u64 * 5 / 4;
-        let delay = Duration::from_micros(rng.next() % (span + 1));
+        let delay = Duration::from_micros(rng.next_u64() % (span + 1));
         let mut child = cli_save(other, fsync).spawn().unwrap();
         std::thread::sleep(delay);
         let _ = child.kill(); // SIGKILL

@@ -22,6 +22,7 @@ use mapped_ram_linux::{
 };
 use mapped_ram_tests::image::pattern_image;
 use mapped_ram_tests::qemu::running_in_ci;
+use mapped_ram_tests::support::{cli_binary, Rng};
 
 const PS: u64 = 4096;
 const FILL: u8 = 0xa5;
@@ -36,12 +37,6 @@ fn scratch(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
-}
-
-fn cli_binary() -> Option<PathBuf> {
-    let exe = std::env::current_exe().ok()?;
-    let bin = exe.parent()?.parent()?.join("mapped-ram");
-    bin.is_file().then_some(bin)
 }
 
 struct Original {
@@ -292,17 +287,6 @@ fn boundaries(o: &Original) -> Vec<u64> {
     v
 }
 
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-}
-
 #[test]
 fn truncated_files_are_rejected_before_memory_is_touched() {
     let dir = scratch("truncate");
@@ -313,7 +297,7 @@ fn truncated_files_are_rejected_before_memory_is_touched() {
         let size = o.bytes.len() as u64;
         let mut cuts = boundaries(&o);
         let mut rng = Rng(0x1234_5678 + u64::from(checksums) * 2 + u64::from(device_state));
-        cuts.extend((0..120).map(|_| rng.next() % size));
+        cuts.extend((0..120).map(|_| rng.next_u64() % size));
         cuts.sort_unstable();
         cuts.dedup();
         let path = dir.join("cut.mr");
@@ -434,13 +418,13 @@ fn page_flips_are_found_by_verify_with_block_page_and_offset() {
         let l = block.layout;
         let map = block.bitmap_ref();
         for _ in 0..25 {
-            let page = rng.next() % l.num_pages();
+            let page = rng.next_u64() % l.num_pages();
             if !map.test(page) {
                 continue;
             }
             let mut bytes = o.bytes.clone();
-            let at = l.pages_offset + page * PS + rng.next() % PS;
-            bytes[at as usize] ^= 1 << (rng.next() % 8);
+            let at = l.pages_offset + page * PS + rng.next_u64() % PS;
+            bytes[at as usize] ^= 1 << (rng.next_u64() % 8);
             std::fs::write(&path, &bytes).unwrap();
             let r = verify(&path, 0, &[]).unwrap();
             assert_eq!(r.corrupt.len(), 1);

@@ -26,6 +26,7 @@ use mapped_ram_linux::{
 };
 use mapped_ram_tests::image::{count_zero_pages, first_differing_page, pattern_image, PAGE_SIZE};
 use mapped_ram_tests::qemu::*;
+use mapped_ram_tests::support::cli_binary;
 use std::collections::{BTreeSet, HashMap};
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -827,14 +828,6 @@ fn describe(who: &str, opened: usize, w: &[DirectWrite]) -> String {
         sizes.iter().max().copied().unwrap_or(0) / 1024,
         total as f64 / MIB as f64
     )
-}
-
-/// The `mapped-ram` binary next to the test executable (`target/<profile>/mapped-ram`).
-fn cli_binary() -> Option<PathBuf> {
-    let exe = std::env::current_exe().ok()?;
-    let profile_dir = exe.parent()?.parent()?; // .../target/debug/deps/x -> .../target/debug
-    let bin = profile_dir.join("mapped-ram");
-    bin.is_file().then_some(bin)
 }
 
 fn skip_or_fail(why: &str) {
