@@ -423,6 +423,21 @@ pub(crate) fn create_temp(
     ))
 }
 
+/// Allocates every block's page region ([`SaveOptions::preallocate`]); `false` where the file
+/// system cannot (then nothing more is tried). A failure comes with the offset it was at.
+fn allocate_page_regions(
+    fd: BorrowedFd<'_>,
+    layouts: &[BlockLayout],
+) -> Result<bool, (u64, std::io::Error)> {
+    for l in layouts.iter().filter(|l| !l.is_empty()) {
+        let len = l.pages_end() - l.pages_offset;
+        if !file::allocate(fd, l.pages_offset, len).map_err(|e| (l.pages_offset, e))? {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
 /// Where `O_DIRECT` is probed: the first page of the first block that has a page region.
 pub(crate) fn probe_offset(layouts: &[BlockLayout], page_size: u64) -> Option<u64> {
     layouts
@@ -628,20 +643,12 @@ fn write_snapshot(
     let cancelled = || opts.cancel.as_ref().is_some_and(Cancel::is_cancelled);
     let file_size = plan.file_size();
     file::set_len(main, file_size).map_err(io(Op::Truncate, Some(file_size)))?;
-    let preallocated =
-        direct && opts.preallocate && opts.max_gap_pages > 0 && !file::is_tmpfs(main) && {
-            let mut all = true;
-            for l in plan.layouts.iter().filter(|l| !l.is_empty()) {
-                let len = l.pages_end() - l.pages_offset;
-                if !file::allocate(main, l.pages_offset, len)
-                    .map_err(io(Op::Allocate, Some(l.pages_offset)))?
-                {
-                    all = false;
-                    break;
-                }
-            }
-            all
-        };
+    let preallocated = direct
+        && opts.preallocate
+        && opts.max_gap_pages > 0
+        && !file::is_tmpfs(main)
+        && allocate_page_regions(main, &plan.layouts)
+            .map_err(|(at, e)| io(Op::Allocate, Some(at))(e))?;
     file::write_all_at(main, &plan.head, opts.offset, Op::WriteStream)
         .map_err(io(Op::WriteStream, Some(opts.offset)))?;
     for (layout, record) in plan.layouts.iter().zip(&plan.records) {
