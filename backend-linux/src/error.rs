@@ -10,6 +10,7 @@ use std::path::PathBuf;
 
 /// The system operation that failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Op {
     /// `open(2)` of a snapshot, RAM or temporary file.
     Open,
@@ -43,9 +44,23 @@ pub enum Op {
     Remove,
     /// `pwrite(2)` of the page checksum table or its records (see [`crate::integrity`]).
     WriteChecksums,
-    /// `fallocate(2)` of a page region before `O_DIRECT` writes, or of a hole punched in it
-    /// afterwards (see [`crate::save::SaveOptions::preallocate`]).
+    /// `fallocate(2)` of a page region before `O_DIRECT` writes
+    /// (see [`crate::SaveOptions::preallocate`]).
     Allocate,
+    /// `fallocate(2)` with `FALLOC_FL_PUNCH_HOLE`: a run of zero pages made a hole again.
+    Punch,
+    /// `lseek(2)` with `SEEK_DATA` / `SEEK_HOLE`.
+    Seek,
+    /// `copy_file_range(2)` of an old snapshot's data into the new file.
+    CopyRange,
+    /// `ioctl(FICLONE)`: a reflink copy of an old snapshot.
+    Clone,
+    /// `flock(2)` of a temporary file.
+    Lock,
+    /// Reading guest memory from a RAM file (`pread(2)`).
+    ReadMemory,
+    /// Writing restored guest memory to a RAM file (`pwrite(2)`).
+    WriteMemory,
 }
 
 impl fmt::Display for Op {
@@ -68,6 +83,13 @@ impl fmt::Display for Op {
             Op::Remove => "removal",
             Op::WriteChecksums => "write of page checksums",
             Op::Allocate => "fallocate of page space",
+            Op::Punch => "hole punch",
+            Op::Seek => "seek for data or holes",
+            Op::CopyRange => "copy_file_range",
+            Op::Clone => "reflink clone",
+            Op::Lock => "flock",
+            Op::ReadMemory => "read of guest memory",
+            Op::WriteMemory => "write of guest memory",
         })
     }
 }
@@ -120,6 +142,7 @@ impl std::error::Error for IoFailure {
 
 /// A guest RAM region that cannot be used as given.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum RegionError {
     /// The block name is empty or longer than 255 bytes.
     #[error("block name {name:?} must be 1 to 255 bytes long")]
@@ -163,17 +186,162 @@ pub enum RegionError {
     },
 }
 
+/// A region that does not fit the snapshot's block of the same name (restore, lazy restore,
+/// update and verify match blocks the same way).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum BlockMismatch {
+    /// The snapshot holds no block of that name.
+    #[error("block {name:?} is not in the snapshot (it holds: {available})")]
+    Unknown {
+        /// The region's name.
+        name: String,
+        /// The snapshot's block names.
+        available: String,
+    },
+    /// The block's length differs from the region's.
+    #[error("block {name:?}: the snapshot holds {file_length} bytes but the memory given has {region_length}")]
+    Length {
+        /// The block.
+        name: String,
+        /// Length in the snapshot.
+        file_length: u64,
+        /// Length of the region.
+        region_length: u64,
+    },
+    /// The block's page size differs from the region's.
+    #[error(
+        "block {name:?}: the snapshot's page size is {file} but the memory given has {region}"
+    )]
+    PageSize {
+        /// The block.
+        name: String,
+        /// Page size in the file.
+        file: u64,
+        /// Page size of the region.
+        region: u64,
+    },
+    /// The block has no page region in the file (`x-ignore-shared`).
+    #[error("block {name:?} has no pages in the snapshot (x-ignore-shared)")]
+    NoPages {
+        /// The block.
+        name: String,
+    },
+    /// The operation needs every block and these were not given.
+    #[error("the snapshot also holds block(s) {names} that no region names (give every block)")]
+    Missing {
+        /// The blocks' names.
+        names: String,
+    },
+}
+
+/// Options or arguments that cannot be used as given.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum OptionError {
+    /// The channel count is outside 1..=255.
+    #[error("channels must be between 1 and 255, not {0}")]
+    Channels(usize),
+    /// The chunk size is not a positive multiple of the page size.
+    #[error("chunk size {chunk_bytes} is not a multiple of the page size {page_size}")]
+    ChunkSize {
+        /// The chunk size asked for.
+        chunk_bytes: u64,
+        /// The regions' page size.
+        page_size: u64,
+    },
+    /// The machine name cannot be written in the configuration section.
+    #[error("machine name {machine:?}: {reason}")]
+    Machine {
+        /// The name.
+        machine: String,
+        /// Why not.
+        reason: String,
+    },
+    /// The number of dirty logs differs from the number of blocks.
+    #[error("{logs} dirty logs for {blocks} blocks (give one per block, in block order)")]
+    DirtyLogCount {
+        /// Logs given.
+        logs: usize,
+        /// Blocks of the save.
+        blocks: usize,
+    },
+    /// A dirty log names a block that is not being saved.
+    #[error("a dirty log is given for block {block:?}, which this save does not hold")]
+    UnknownDirtyBlock {
+        /// The block named.
+        block: String,
+    },
+    /// A dirty log is given twice for one block.
+    #[error("two dirty logs are given for block {block:?}")]
+    DuplicateDirtyBlock {
+        /// The block.
+        block: String,
+    },
+    /// A dirty log is too short for its block.
+    #[error("the dirty log of block {block:?} has {words} words; its {pages} pages need {needed}")]
+    DirtyLogTooShort {
+        /// The block.
+        block: String,
+        /// Words given.
+        words: usize,
+        /// Pages of the block.
+        pages: u64,
+        /// Words needed.
+        needed: u64,
+    },
+    /// The number of guest memory regions differs from the number of names given for them.
+    #[error("{names} block names for {regions} guest memory regions")]
+    RegionNames {
+        /// Names given.
+        names: usize,
+        /// Regions of the guest memory.
+        regions: usize,
+    },
+    /// A guest memory region's dirty bitmap does not cover its pages.
+    #[error(
+        "the dirty bitmap of the guest region at {address:#x} has {bits} bits for {pages} pages"
+    )]
+    RegionBitmap {
+        /// The region's guest address.
+        address: u64,
+        /// Bits of its bitmap.
+        bits: usize,
+        /// Its pages.
+        pages: u64,
+    },
+    /// Guest memory for a restore could not be set up (`vm-memory`).
+    #[error("guest memory: {0}")]
+    GuestMemory(String),
+    /// A block is too large to map into this process.
+    #[error("block {block:?} is too large to map")]
+    TooLargeToMap {
+        /// The block.
+        block: String,
+    },
+    /// A block cannot be mapped (page size or offset not a multiple of the host's page size,
+    /// or no pages in the file).
+    #[error("block {block:?} cannot be mapped: {reason}")]
+    NotMappable {
+        /// The block.
+        block: String,
+        /// Why not.
+        reason: String,
+    },
+}
+
 /// Why a save failed. The previous snapshot at the target path is always left as it was, and
 /// the caller's guest memory is only ever read.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum SaveError {
     /// An operating-system call failed.
     #[error("{0}")]
     Io(#[from] IoFailure),
-    /// `--direct-io on` and the file system refused `O_DIRECT`.
-    #[error("direct-io is on but {filesystem} refused O_DIRECT for {path}: {source} (use --direct-io auto or off)")]
+    /// Direct I/O was required ([`crate::DirectIo::On`]) and the file system refused `O_DIRECT`.
+    #[error("direct I/O is required but {filesystem} refused O_DIRECT for {path}: {source}")]
     DirectIoRefused {
-        /// The temporary snapshot file.
+        /// The snapshot file.
         path: PathBuf,
         /// The file system type, as far as it could be named.
         filesystem: String,
@@ -183,12 +351,18 @@ pub enum SaveError {
     /// A RAM region cannot be saved as given.
     #[error("{0}")]
     Region(#[from] RegionError),
-    /// The options are invalid (channel count, machine name, ...).
+    /// The options are invalid (channel count, chunk size, machine name, dirty logs, ...).
     #[error("invalid save options: {0}")]
-    Options(String),
+    Options(#[from] OptionError),
     /// The layout of the file would not fit in 64-bit offsets.
     #[error("layout: {0}")]
     Layout(#[from] mapped_ram_core::layout::LayoutError),
+    /// The channel schedule could not be built (an internal inconsistency).
+    #[error("schedule: {0}")]
+    Schedule(#[from] mapped_ram_core::schedule::ScheduleError),
+    /// A page bitmap could not be built (an internal inconsistency).
+    #[error("bitmap: {0}")]
+    Bitmap(#[from] mapped_ram_core::bitmap::BitmapError),
     /// The caller cancelled the save.
     #[error("save cancelled")]
     Cancelled,
@@ -223,6 +397,7 @@ impl fmt::Display for GuestMemoryState {
 
 /// Why a snapshot file cannot be read (restore, inspect, verify).
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum FormatError {
     /// An operating-system call failed.
     #[error("{0}")]
@@ -300,6 +475,7 @@ pub enum FormatError {
 
 /// Why a restore failed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum RestoreErrorKind {
     /// The snapshot is unreadable or malformed.
     #[error("{0}")]
@@ -307,41 +483,14 @@ pub enum RestoreErrorKind {
     /// An operating-system call failed.
     #[error("{0}")]
     Io(#[from] IoFailure),
-    /// A region names a block the snapshot does not hold.
-    #[error("block {name:?} is not in the snapshot (it holds: {available})")]
-    UnknownBlock {
-        /// The region's name.
-        name: String,
-        /// The snapshot's block names.
-        available: String,
-    },
-    /// A region's size differs from the block's length in the snapshot.
-    #[error("block {name:?}: the snapshot holds {file_length} bytes but the destination has {region_length}")]
-    SizeMismatch {
-        /// The block.
-        name: String,
-        /// Length in the snapshot.
-        file_length: u64,
-        /// Length of the destination region.
-        region_length: u64,
-    },
-    /// A region's page size differs from the snapshot's.
-    #[error(
-        "block {name:?}: the snapshot's page size is {file} but the destination's is {region}"
-    )]
-    PageSizeMismatch {
-        /// The block.
-        name: String,
-        /// Page size in the file.
-        file: u64,
-        /// Page size of the region.
-        region: u64,
-    },
+    /// A region does not fit the snapshot's block.
+    #[error("{0}")]
+    Block(#[from] BlockMismatch),
     /// A region is invalid.
     #[error("{0}")]
     Region(#[from] RegionError),
-    /// `--direct-io on` and the file system refused `O_DIRECT`.
-    #[error("direct-io is on but {filesystem} refused O_DIRECT for {path}: {source} (use --direct-io auto or off)")]
+    /// Direct I/O was required ([`crate::DirectIo::On`]) and the file system refused `O_DIRECT`.
+    #[error("direct I/O is required but {filesystem} refused O_DIRECT for {path}: {source}")]
     DirectIoRefused {
         /// The snapshot.
         path: PathBuf,
@@ -352,7 +501,10 @@ pub enum RestoreErrorKind {
     },
     /// The options are invalid.
     #[error("invalid restore options: {0}")]
-    Options(String),
+    Options(#[from] OptionError),
+    /// The schedule or a bitmap could not be built (an internal inconsistency).
+    #[error("{0}")]
+    Internal(String),
     /// A page read from the snapshot does not match its stored checksum
     /// ([`crate::RestoreOptions::verify_checksums`]).
     #[error("{path}: block {block:?} page {page} (file offset {file_offset:#x}) fails its checksum (stored {expected:#010x}, computed {actual:#010x}): the snapshot is damaged")]

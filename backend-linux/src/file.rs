@@ -21,9 +21,8 @@ use std::path::Path;
 use rustix::fs::{self as rfs, Mode, OFlags};
 use rustix::io::{Errno, IoSlice, IoSliceMut};
 
-use crate::error::{IoFailure, Op};
+use crate::error::Op;
 use crate::fault::{self, Injected};
-use crate::sys::{AlignedBuf, DIRECT_IO_ALIGN};
 
 /// Whether page data bypasses the page cache (`O_DIRECT`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -212,6 +211,33 @@ pub(crate) fn pread_some(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> io:
     }
 }
 
+/// Reads exactly `buf.len()` bytes at `offset` with `pread(2)`, asking the fault hook for `op`;
+/// end of file first is `UnexpectedEof`.
+pub(crate) fn pread_exact(
+    fd: BorrowedFd<'_>,
+    buf: &mut [u8],
+    mut offset: u64,
+    op: Op,
+) -> io::Result<()> {
+    let mut retry = Retry::default();
+    let mut done = 0usize;
+    while done < buf.len() {
+        let rest = &mut buf[done..];
+        let result = attempt(op, rest.len())
+            .and_then(|len| rustix::io::pread(fd, &mut rest[..len], offset).map_err(io_err));
+        match result {
+            Ok(0) => return Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
+            Ok(n) => {
+                done += n;
+                offset = offset.saturating_add(n as u64);
+            }
+            Err(e) if retry.again(&e) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// Reads exactly `buf.len()` bytes at `offset` with plain `pread(2)`.
 pub(crate) fn read_exact_at(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> io::Result<()> {
     let mut done = 0usize;
@@ -250,85 +276,7 @@ pub fn filesystem_name(fd: BorrowedFd<'_>) -> String {
     name.to_string()
 }
 
-/// A channel descriptor, opened with `O_DIRECT` exactly when it was asked for.
-#[derive(Debug)]
-pub(crate) struct ChannelFd {
-    pub fd: OwnedFd,
-}
-
-/// Why opening channels with `O_DIRECT` did not work.
-#[derive(Debug)]
-pub(crate) struct DirectRefused {
-    pub filesystem: String,
-    pub source: io::Error,
-}
-
-/// Opens one channel descriptor for `path` (by path, never `dup`), with `O_DIRECT` when
-/// `direct` is true. A probe transfer of one aligned page at `probe_offset` (a page slot of the
-/// file, harmless to read or to overwrite with zeros before its data is written) proves the
-/// file system really accepts `O_DIRECT` I/O, not only the open flag.
-pub(crate) fn open_channel(
-    path: &Path,
-    write: bool,
-    direct: bool,
-    probe_offset: Option<u64>,
-) -> Result<ChannelFd, Result<DirectRefused, IoFailure>> {
-    let base = if write {
-        OFlags::WRONLY
-    } else {
-        OFlags::RDONLY
-    };
-    if !direct {
-        let fd = open(path, base, 0).map_err(|e| Err(IoFailure::new(Op::Open, path, None, e)))?;
-        return Ok(ChannelFd { fd });
-    }
-    let fs_name = || {
-        open(path, OFlags::RDONLY, 0)
-            .map(|fd| filesystem_name(fd.as_fd()))
-            .unwrap_or_else(|_| "the file system".into())
-    };
-    let fd = match open(path, base | OFlags::DIRECT, 0) {
-        Ok(fd) => fd,
-        Err(e) if e.raw_os_error() == Some(libc_einval()) => {
-            return Err(Ok(DirectRefused {
-                filesystem: fs_name(),
-                source: e,
-            }))
-        }
-        Err(e) => return Err(Err(IoFailure::new(Op::OpenDirect, path, None, e))),
-    };
-    if let Some(offset) = probe_offset {
-        let mut buf = AlignedBuf::new(DIRECT_IO_ALIGN);
-        let probe = if write {
-            write_all_at(fd.as_fd(), buf.as_slice(), offset, Op::WritePages)
-        } else {
-            preadv_exact(fd.as_fd(), buf.as_mut_slice(), offset).or_else(|e| {
-                // A hole or the end of the file still proves that O_DIRECT reads work.
-                if e.kind() == io::ErrorKind::UnexpectedEof {
-                    Ok(())
-                } else {
-                    Err(e)
-                }
-            })
-        };
-        match probe {
-            Ok(()) => {}
-            Err(e) if e.raw_os_error() == Some(libc_einval()) => {
-                return Err(Ok(DirectRefused {
-                    filesystem: fs_name(),
-                    source: e,
-                }))
-            }
-            Err(e) => {
-                let op = if write { Op::WritePages } else { Op::ReadPages };
-                return Err(Err(IoFailure::new(op, path, Some(offset), e)));
-            }
-        }
-    }
-    Ok(ChannelFd { fd })
-}
-
-fn libc_einval() -> i32 {
+pub(crate) fn libc_einval() -> i32 {
     Errno::INVAL.raw_os_error()
 }
 
@@ -385,7 +333,13 @@ pub(crate) fn set_len(fd: BorrowedFd<'_>, len: u64) -> io::Result<()> {
 ///
 /// See [fallocate(2)](https://man7.org/linux/man-pages/man2/fallocate.2.html).
 pub(crate) fn allocate(fd: BorrowedFd<'_>, offset: u64, len: u64) -> io::Result<bool> {
-    fallocate(fd, rfs::FallocateFlags::KEEP_SIZE, offset, len)
+    fallocate(
+        Op::Allocate,
+        fd,
+        rfs::FallocateFlags::KEEP_SIZE,
+        offset,
+        len,
+    )
 }
 
 /// Deallocates `len` bytes at `offset` (`fallocate(2)` with `FALLOC_FL_PUNCH_HOLE |
@@ -393,6 +347,7 @@ pub(crate) fn allocate(fd: BorrowedFd<'_>, offset: u64, len: u64) -> io::Result<
 /// Returns `Ok(false)` where the file system cannot do it (`EOPNOTSUPP`).
 pub(crate) fn punch_hole(fd: BorrowedFd<'_>, offset: u64, len: u64) -> io::Result<bool> {
     fallocate(
+        Op::Punch,
         fd,
         rfs::FallocateFlags::PUNCH_HOLE | rfs::FallocateFlags::KEEP_SIZE,
         offset,
@@ -401,18 +356,119 @@ pub(crate) fn punch_hole(fd: BorrowedFd<'_>, offset: u64, len: u64) -> io::Resul
 }
 
 fn fallocate(
+    op: Op,
     fd: BorrowedFd<'_>,
     flags: rfs::FallocateFlags,
     offset: u64,
     len: u64,
 ) -> io::Result<bool> {
-    match retrying(Op::Allocate, || {
+    match retrying(op, || {
         rfs::fallocate(fd, flags, offset, len).map_err(io_err)
     }) {
         Ok(()) => Ok(true),
         Err(e) if e.raw_os_error() == Some(Errno::OPNOTSUPP.raw_os_error()) => Ok(false),
         Err(e) => Err(e),
     }
+}
+
+/// Where the file's next data (`SEEK_DATA`) or hole (`SEEK_HOLE`) at or after `pos` is
+/// (`lseek(2)`). `Ok(None)`: no data after `pos` (`ENXIO`); `Err` with `EINVAL`/`EOPNOTSUPP`:
+/// the file system cannot tell (callers then treat everything as data).
+///
+/// See [lseek(2)](https://man7.org/linux/man-pages/man2/lseek.2.html).
+pub(crate) fn seek(fd: BorrowedFd<'_>, pos: u64, data: bool) -> io::Result<Option<u64>> {
+    let whence = if data {
+        rfs::SeekFrom::Data(pos)
+    } else {
+        rfs::SeekFrom::Hole(pos)
+    };
+    match retrying(Op::Seek, || rfs::seek(fd, whence).map_err(io_err)) {
+        Ok(at) => Ok(Some(at)),
+        Err(e) if e.raw_os_error() == Some(Errno::NXIO.raw_os_error()) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// `true` for the errors of a file system that cannot answer `SEEK_DATA`/`SEEK_HOLE`.
+pub(crate) fn seek_unsupported(e: &io::Error) -> bool {
+    [Errno::INVAL, Errno::OPNOTSUPP]
+        .iter()
+        .any(|x| e.raw_os_error() == Some(x.raw_os_error()))
+}
+
+/// `copy_file_range(2)` of up to `len` bytes at `offset` of `src` to the same offset of `dst`;
+/// returns the bytes copied (0 at the end of `src`).
+///
+/// See [copy_file_range(2)](https://man7.org/linux/man-pages/man2/copy_file_range.2.html).
+pub(crate) fn copy_range(
+    src: BorrowedFd<'_>,
+    dst: BorrowedFd<'_>,
+    offset: u64,
+    len: usize,
+) -> io::Result<usize> {
+    retrying(Op::CopyRange, || {
+        let (mut from, mut to) = (offset, offset);
+        rfs::copy_file_range(src, Some(&mut from), dst, Some(&mut to), len).map_err(io_err)
+    })
+}
+
+/// `true` for the errors that mean "`copy_file_range` cannot do this pair of files".
+pub(crate) fn copy_range_unsupported(e: &io::Error) -> bool {
+    [Errno::XDEV, Errno::INVAL, Errno::NOSYS, Errno::OPNOTSUPP]
+        .iter()
+        .any(|x| e.raw_os_error() == Some(x.raw_os_error()))
+}
+
+/// Makes `dst` share all of `src`'s data extents (`ioctl(FICLONE)`, a reflink).
+///
+/// See [ioctl_ficlone(2)](https://man7.org/linux/man-pages/man2/ioctl_ficlone.2.html).
+pub(crate) fn clone_file(dst: BorrowedFd<'_>, src: BorrowedFd<'_>) -> io::Result<()> {
+    retrying(Op::Clone, || rfs::ioctl_ficlone(dst, src).map_err(io_err))
+}
+
+/// Takes an exclusive `flock(2)` lock on `fd` without waiting; `Ok(false)` when another
+/// open file description holds it.
+///
+/// See [flock(2)](https://man7.org/linux/man-pages/man2/flock.2.html).
+pub(crate) fn try_lock(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    match retrying(Op::Lock, || {
+        rfs::flock(fd, rfs::FlockOperation::NonBlockingLockExclusive).map_err(io_err)
+    }) {
+        Ok(()) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(Errno::WOULDBLOCK.raw_os_error()) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Device and inode of an open file (`fstat(2)`).
+pub(crate) fn identity(fd: BorrowedFd<'_>) -> io::Result<(u64, u64)> {
+    retrying(Op::Stat, || {
+        rfs::fstat(fd)
+            .map(|st| (st.st_dev as u64, st.st_ino as u64))
+            .map_err(io_err)
+    })
+}
+
+/// Opens the file that `fd` refers to once more, as a new open file description with its own
+/// status flags (`O_DIRECT` or not) — never by the path, which another process may have
+/// renamed over or replaced with a symbolic link in the meantime. Goes through
+/// `/proc/self/fd/N` (a magic link to the open inode); without `/proc`, opens `path` with
+/// `O_NOFOLLOW`. Either way the result is checked to be the same inode (`st_dev`/`st_ino`),
+/// else it fails with `ESTALE`.
+pub(crate) fn reopen(fd: BorrowedFd<'_>, path: &Path, flags: OFlags) -> io::Result<OwnedFd> {
+    use std::os::fd::AsRawFd;
+    let magic = std::path::PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+    let new = match open(&magic, flags, 0) {
+        Ok(new) => new,
+        Err(e) if e.kind() == io::ErrorKind::NotFound && !Path::new("/proc/self/fd").exists() => {
+            open(path, flags | OFlags::NOFOLLOW, 0)?
+        }
+        Err(e) => return Err(e),
+    };
+    if identity(new.as_fd())? != identity(fd)? {
+        return Err(io::Error::from_raw_os_error(Errno::STALE.raw_os_error()));
+    }
+    Ok(new)
 }
 
 /// `true` when `fd` is on tmpfs, where space is memory and allocating it ahead gains nothing.

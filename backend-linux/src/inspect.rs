@@ -92,19 +92,19 @@ impl SnapshotInfo {
         self.blocks.iter().find(|b| b.name == name)
     }
 
-    /// The block named `name`, or the restore error that names it and lists the blocks the
-    /// snapshot holds.
+    /// The block named `name`, or the error that names it and lists the blocks the snapshot
+    /// holds.
     pub fn block_for_restore(&self, name: &str) -> Result<&BlockInfo, RestoreErrorKind> {
-        self.block(name)
-            .ok_or_else(|| RestoreErrorKind::UnknownBlock {
-                name: name.into(),
-                available: self
-                    .blocks
-                    .iter()
-                    .map(|b| b.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            })
+        let index = crate::blocks::find(
+            &self.blocks,
+            crate::blocks::Wanted {
+                name,
+                length: None,
+                page_size: None,
+                needs_pages: false,
+            },
+        )?;
+        Ok(&self.blocks[index])
     }
 
     /// End of the device state: the start of the checksum table, or the end of the file.

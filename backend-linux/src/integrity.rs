@@ -402,6 +402,99 @@ pub(crate) fn locate(
     }))
 }
 
+/// Where a file's checksum records and table go.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Place {
+    pub anchor_offset: u64,
+    pub table_offset: u64,
+    pub table_len: u64,
+    pub file_size: u64,
+}
+
+/// The stream's shape, for the metadata ranges.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Geometry {
+    pub stream_start: u64,
+    pub first_record: u64,
+    pub device_stream_start: u64,
+    pub page_size: u64,
+}
+
+/// The one checksum writer: the table (for every block in file order, the page's checksum
+/// where its bit is set in `bitmaps`, else 0), then the anchor and footer records with the
+/// CRC of the metadata ranges, read back from the file as a reader will read them.
+pub(crate) fn write(
+    fd: BorrowedFd<'_>,
+    path: &Path,
+    place: &Place,
+    layouts: &[BlockLayout],
+    bitmaps: &[Vec<u64>],
+    sums: &[Vec<std::sync::atomic::AtomicU32>],
+    geometry: Geometry,
+) -> Result<(), crate::error::SaveError> {
+    use std::sync::atomic::Ordering;
+    let io = |offset: u64| {
+        move |e: std::io::Error| {
+            crate::error::SaveError::Io(IoFailure::new(Op::WriteChecksums, path, Some(offset), e))
+        }
+    };
+    let mut table_crc = 0u32;
+    let mut at = place.table_offset;
+    let mut buf: Vec<u8> = Vec::with_capacity(1 << 20);
+    for ((layout, words), entries) in layouts.iter().zip(bitmaps).zip(sums) {
+        if layout.is_empty() {
+            continue;
+        }
+        let stored = mapped_ram_core::bitmap::BitmapRef::new(words, layout.num_pages())?;
+        for (piece_index, piece) in entries.chunks(1 << 18).enumerate() {
+            buf.clear();
+            let first = (piece_index as u64) << 18;
+            for (i, e) in piece.iter().enumerate() {
+                let sum = if stored.test(first + i as u64) {
+                    e.load(Ordering::Relaxed)
+                } else {
+                    0
+                };
+                buf.extend_from_slice(&sum.to_le_bytes());
+            }
+            table_crc = crc32c::crc32c_append(table_crc, &buf);
+            file::write_all_at(fd, &buf, at, Op::WriteChecksums).map_err(io(at))?;
+            at += buf.len() as u64;
+        }
+    }
+    let ranges = metadata_ranges(
+        geometry.stream_start,
+        geometry.first_record,
+        layouts,
+        geometry.device_stream_start,
+        place.table_offset,
+    );
+    let metadata_crc = crc_of_ranges(fd, path, &ranges).map_err(|e| match e {
+        FormatError::Io(f) => crate::error::SaveError::Io(f),
+        other => crate::error::SaveError::Io(IoFailure::new(
+            Op::ReadStream,
+            path,
+            None,
+            std::io::Error::other(other.to_string()),
+        )),
+    })?;
+    let record = Record {
+        table_offset: place.table_offset,
+        table_len: place.table_len,
+        file_size: place.file_size,
+        page_size: u32::try_from(geometry.page_size).unwrap_or(u32::MAX),
+        blocks: u32::try_from(layouts.len()).unwrap_or(u32::MAX),
+        metadata_crc,
+        table_crc,
+    }
+    .encode();
+    let footer = place.file_size - RECORD_LEN;
+    for offset in [place.anchor_offset, footer] {
+        file::write_all_at(fd, &record, offset, Op::WriteChecksums).map_err(io(offset))?;
+    }
+    Ok(())
+}
+
 /// Reads and checks the checksum table: one `Vec<u32>` per block in file order (empty for a
 /// block without data). Its size was bounded by [`locate`] (it lies inside the file).
 pub(crate) fn read_table(

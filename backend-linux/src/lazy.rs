@@ -45,10 +45,11 @@ use std::time::Instant;
 
 use mapped_ram_core::bitmap::BitmapRef;
 use mapped_ram_core::layout::BlockLayout;
-use rustix::fs::SeekFrom;
-use rustix::io::Errno;
+use mapped_ram_core::schedule::Chunk;
 
-use crate::error::{IoFailure, Op, RestoreError, RestoreErrorKind};
+use crate::blocks::{self, Wanted};
+use crate::error::{IoFailure, Op, OptionError, RestoreError, RestoreErrorKind};
+use crate::executor::{self, ChunkList, Control, Job, Stopped};
 use crate::file;
 use crate::inspect::{open_snapshot, BlockInfo, SnapshotInfo};
 use crate::mem::{host_page_size, PrivateMapping};
@@ -121,6 +122,7 @@ impl LazyBlock {
 
 /// What a lazy restore did.
 #[derive(Debug, Clone, Default)]
+#[non_exhaustive]
 pub struct LazyReport {
     /// Blocks mapped.
     pub blocks_restored: Vec<String>,
@@ -200,27 +202,29 @@ pub(crate) fn choose_blocks<'i>(
             .filter(|b| !b.layout.is_empty())
             .collect()
     } else {
-        let mut v = Vec::with_capacity(names.len());
-        for name in names {
-            v.push(info.block_for_restore(name)?);
-        }
-        v
+        let index = blocks::find_all(
+            &info.blocks,
+            names.iter().map(|name| Wanted {
+                name,
+                length: None,
+                page_size: None,
+                needs_pages: true,
+            }),
+        )
+        .map_err(RestoreErrorKind::from)?;
+        index.iter().map(|&i| &info.blocks[i]).collect()
     };
     let host = host_page_size() as u64;
     for b in &chosen {
         let l = &b.layout;
-        if l.is_empty() && l.length > 0 {
-            return Err(RestoreErrorKind::Options(format!(
-                "block {:?} has no pages in the snapshot (x-ignore-shared): nothing to map",
-                b.name
-            ))
-            .into());
-        }
         if l.page_size % host != 0 || l.pages_offset % host != 0 {
-            return Err(RestoreErrorKind::Options(format!(
-                "block {:?} cannot be mapped: page size {} and pages_offset {:#x} must be multiples of the host page size {host} (use restore())",
-                b.name, l.page_size, l.pages_offset
-            ))
+            return Err(RestoreErrorKind::Options(OptionError::NotMappable {
+                block: b.name.clone(),
+                reason: format!(
+                    "page size {} and pages_offset {:#x} must be multiples of the host page size {host} (use a copying restore)",
+                    l.page_size, l.pages_offset
+                ),
+            })
             .into());
         }
     }
@@ -261,7 +265,9 @@ pub fn restore_lazy(
     let mut blocks = Vec::with_capacity(chosen.len());
     for b in chosen {
         let len = usize::try_from(b.layout.length).map_err(|_| {
-            RestoreErrorKind::Options(format!("block {:?} is too large to map", b.name))
+            RestoreErrorKind::Options(OptionError::TooLargeToMap {
+                block: b.name.clone(),
+            })
         })?;
         let mut mapping = PrivateMapping::map_file(snap.fd.as_fd(), b.layout.pages_offset, len)
             .map_err(|e| IoFailure::new(Op::Map, path, Some(b.layout.pages_offset), e))?;
@@ -286,18 +292,20 @@ fn data_segments(fd: BorrowedFd<'_>, range: Range<u64>, align: u64) -> io::Resul
     let mut out: Vec<Range<u64>> = Vec::new();
     let mut pos = range.start;
     while pos < range.end {
-        let data = match rustix::fs::seek(fd, SeekFrom::Data(pos)) {
-            Ok(d) => d,
-            Err(Errno::NXIO) => break,
-            Err(Errno::INVAL | Errno::OPNOTSUPP) => return Ok(vec![range]),
-            Err(e) => return Err(file::io_err(e)),
+        let data = match file::seek(fd, pos, true) {
+            Ok(Some(d)) => d,
+            Ok(None) => break,
+            Err(e) if file::seek_unsupported(&e) => return Ok(vec![range]),
+            Err(e) => return Err(e),
         };
         if data >= range.end {
             break;
         }
-        let hole = match rustix::fs::seek(fd, SeekFrom::Hole(data)) {
-            Ok(h) => h.min(range.end),
-            Err(_) => range.end,
+        let hole = match file::seek(fd, data, false) {
+            Ok(Some(h)) => h.min(range.end),
+            Ok(None) => range.end,
+            Err(e) if file::seek_unsupported(&e) => range.end,
+            Err(e) => return Err(e),
         };
         let start = (data / align) * align;
         let end = hole.div_ceil(align).saturating_mul(align).min(range.end);
@@ -335,7 +343,7 @@ pub(crate) fn fix_clear_pages(
         return Ok(());
     }
     let segments = data_segments(fd, layout.pages_offset..layout.pages_end(), ps)
-        .map_err(|e| IoFailure::new(Op::Stat, path, Some(layout.pages_offset), e))?;
+        .map_err(|e| IoFailure::new(Op::Seek, path, Some(layout.pages_offset), e))?;
     // Clear pages that hold data, as page ranges, by merging two ascending lists.
     let mut suspects: Vec<Range<u64>> = Vec::new();
     let mut seg = segments
@@ -397,6 +405,44 @@ pub(crate) fn fix_clear_pages(
     Ok(())
 }
 
+/// The channel work of the scan for stale bytes: reads a chunk of clear pages that hold data
+/// and notes the pages that are not all zero.
+struct StaleJob<'a> {
+    fd: BorrowedFd<'a>,
+    path: &'a Path,
+    layout: &'a BlockLayout,
+    found: &'a Mutex<Vec<u64>>,
+    max_bytes: usize,
+}
+
+impl Job for StaleJob<'_> {
+    type Scratch = Vec<u8>;
+    type Error = RestoreError;
+
+    fn scratch(&self) -> Vec<u8> {
+        vec![0u8; self.max_bytes]
+    }
+
+    fn chunk(&self, _: usize, buf: &mut Vec<u8>, item: &Chunk) -> Result<u64, RestoreError> {
+        let ps = self.layout.page_size;
+        let len = (item.pages() * ps) as usize;
+        let at = self.layout.pages_offset + item.start * ps;
+        file::preadv_exact(self.fd, &mut buf[..len], at)
+            .map_err(|e| IoFailure::new(Op::ReadPages, self.path, Some(at), e))?;
+        let mine: Vec<u64> = buf[..len]
+            .chunks_exact(ps as usize)
+            .enumerate()
+            .filter(|(_, page)| !zero::is_zero(page))
+            .map(|(k, _)| item.start + k as u64)
+            .collect();
+        self.found
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(mine);
+        Ok(len as u64)
+    }
+}
+
 /// Reads the page ranges `ranges` of a block and returns the pages that are not all zero.
 fn find_stale(
     fd: BorrowedFd<'_>,
@@ -408,45 +454,30 @@ fn find_stale(
     let ps = layout.page_size;
     let max_pages = ((1u64 << 20) / ps).max(1);
     // Work items of at most 1 MiB.
-    let mut items: Vec<Range<u64>> = Vec::new();
+    let mut items: Vec<Chunk> = Vec::new();
     for r in ranges {
         let mut s = r.start;
         while s < r.end {
             let e = (s + max_pages).min(r.end);
-            items.push(s..e);
+            items.push(Chunk {
+                block: 0,
+                start: s,
+                end: e,
+            });
             s = e;
         }
     }
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let found: Mutex<Vec<u64>> = Mutex::new(Vec::new());
-    let failure: Mutex<Option<RestoreError>> = Mutex::new(None);
-    std::thread::scope(|s| {
-        for _ in 0..threads.min(items.len()) {
-            s.spawn(|| {
-                let mut buf = vec![0u8; (max_pages * ps) as usize];
-                let mut mine = Vec::new();
-                loop {
-                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let Some(item) = items.get(i) else { break };
-                    let len = ((item.end - item.start) * ps) as usize;
-                    let at = layout.pages_offset + item.start * ps;
-                    if let Err(e) = file::read_exact_at(fd, &mut buf[..len], at) {
-                        let mut slot = failure.lock().unwrap_or_else(|p| p.into_inner());
-                        slot.get_or_insert(IoFailure::new(Op::ReadPages, path, Some(at), e).into());
-                        return;
-                    }
-                    for (k, page) in buf[..len].chunks_exact(ps as usize).enumerate() {
-                        if !zero::is_zero(page) {
-                            mine.push(item.start + k as u64);
-                        }
-                    }
-                }
-                found.lock().unwrap_or_else(|p| p.into_inner()).extend(mine);
-            });
-        }
-    });
-    if let Some(e) = failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
-        return Err(e);
+    let found = Mutex::new(Vec::new());
+    let job = StaleJob {
+        fd,
+        path,
+        layout,
+        found: &found,
+        max_bytes: (max_pages * ps) as usize,
+    };
+    match executor::execute(threads, &ChunkList::new(items), &job, Control::default()) {
+        Ok(()) | Err(Stopped::Cancelled) => {}
+        Err(Stopped::Failed(e)) => return Err(e),
     }
     let mut pages = found.into_inner().unwrap_or_else(|p| p.into_inner());
     pages.sort_unstable();

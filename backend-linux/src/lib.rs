@@ -12,9 +12,11 @@
 //! * [`inspect()`] and [`verify()`] report and check a snapshot's structure and contents.
 //!
 //! The format logic (offsets, stream framing, bitmaps, scheduling) lives in the `no_std`
-//! crate [`mapped_ram_core`]; this crate only does I/O. Its `unsafe` code is confined to
-//! [`sys`] (file mappings and aligned buffers) and [`mem`] (guest memory read while a guest
-//! runs, private mappings of lazy restore).
+//! crate [`mapped_ram_core`]; this crate only does I/O, through one executor that every
+//! operation drives (see `ARCHITECTURE.md`). Its `unsafe` code is confined, by
+//! `#![deny(unsafe_code)]` at the crate root, to two modules: `sys` (file mappings and aligned
+//! buffers) and [`mem`] (guest memory read while a guest runs, private mappings of lazy
+//! restore).
 //!
 //! Beyond one-shot saves: [`LiveSave`] saves a running guest in passes of dirty pages
 //! ([`live`]), [`update()`] brings an existing snapshot up to date with only the changed pages
@@ -35,39 +37,58 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 #![deny(missing_docs)]
-#![warn(clippy::undocumented_unsafe_blocks)]
+#![deny(unsafe_code)]
+#![deny(unsafe_op_in_unsafe_fn)]
+#![warn(
+    clippy::undocumented_unsafe_blocks,
+    clippy::multiple_unsafe_ops_per_block
+)]
 
+mod blocks;
 #[cfg(feature = "cli")]
 pub mod cli;
-pub mod error;
+mod commit;
+mod error;
+mod executor;
 pub mod fault;
-pub mod file;
-pub mod inspect;
+mod file;
+mod inspect;
 pub mod integrity;
 pub mod lazy;
 pub mod live;
+#[allow(unsafe_code)]
 pub mod mem;
-pub mod progress;
-pub mod restore;
-pub mod save;
-pub mod sys;
+mod plan;
+mod progress;
+mod restore;
+mod save;
+#[allow(unsafe_code)]
+mod sys;
 pub mod update;
-pub mod verify;
+mod verify;
 #[cfg(feature = "vm-memory")]
 pub mod vm_memory;
-pub mod zero;
+mod writer;
+mod zero;
 
 pub use error::{
-    FormatError, GuestMemoryState, IoFailure, Op, RestoreError, RestoreErrorKind, SaveError,
+    BlockMismatch, FormatError, GuestMemoryState, IoFailure, Op, OptionError, RegionError,
+    RestoreError, RestoreErrorKind, SaveError,
 };
 pub use file::DirectIo;
-pub use inspect::{inspect, read_device_state, BlockInfo, SnapshotInfo};
+pub use inspect::{inspect, read_device_state, BlockInfo, Snapshot, SnapshotInfo};
 pub use lazy::{restore_lazy, LazyBlock, LazyOptions, LazyReport, LazyRestore};
-pub use live::{LiveOptions, LiveRegion, LiveReport, LiveSave, PassReport};
+pub use live::{FinishedSave, LiveOptions, LiveRegion, LiveReport, LiveSave, PassReport};
 pub use mem::{GuestMemory, PrivateMapping};
-pub use progress::{Cancel, Progress};
-pub use restore::{restore, restore_from_fds, RestoreOptions, RestoreRegion, RestoreReport};
-pub use save::{save, save_to_fds, SaveOptions, SaveRegion, SaveReport, ZeroPages};
-pub use sys::MappedFile;
+pub use progress::{Cancel, Progress, ProgressFn};
+pub use restore::{
+    restore, restore_from_fds, RestoreOptions, RestoreRegion, RestoreReport, DEFAULT_READ_GAP_PAGES,
+};
+pub use save::{
+    default_channels, save, save_memory, save_to_fds, SaveOptions, SaveRegion, SaveReport,
+    ZeroPages, PUNCH_MIN_PAGES, RAM_SECTION_ID,
+};
+pub use sys::{populate_read, populate_write, AlignedBuf, MappedFile, DIRECT_IO_ALIGN};
 pub use update::{update, Changes, CopyMode, UpdateError, UpdateOptions, UpdateReport};
-pub use verify::{verify, CorruptPage, Mismatch, VerifyReport};
+pub use verify::{verify, CorruptPage, Mismatch, VerifyError, VerifyReport};
+pub use zero::is_zero;

@@ -43,6 +43,9 @@ enum Access {
     Atomic,
     /// A raw region written outside Rust's control: read with volatile loads.
     Volatile,
+    /// A file (a RAM file another process may write or truncate): read with `pread(2)`, so a
+    /// file that shrinks is an error, never `SIGBUS`. `ptr` is unused.
+    File { fd: std::os::fd::RawFd, offset: u64 },
 }
 
 /// A guest RAM region to save while the guest may keep running (see the module docs).
@@ -115,6 +118,24 @@ impl<'m> GuestMemory<'m> {
         }
     }
 
+    /// `len` bytes of the file `fd` from `offset`: guest memory kept in a file (a QEMU
+    /// `memory-backend-file` on `/dev/shm`, say) that another process may write, or even
+    /// truncate, while it is saved. It is read with `pread(2)` into the channels' buffers: each
+    /// page in the snapshot is one consistent copy, and a file that shrinks fails the save with
+    /// an error naming it and the offset (a mapping would raise `SIGBUS` instead).
+    pub fn from_file(fd: std::os::fd::BorrowedFd<'m>, offset: u64, len: usize) -> Self {
+        use std::os::fd::AsRawFd;
+        Self {
+            ptr: NonNull::dangling(),
+            len,
+            access: Access::File {
+                fd: fd.as_raw_fd(),
+                offset,
+            },
+            _borrow: PhantomData,
+        }
+    }
+
     /// Length in bytes.
     pub fn len(&self) -> usize {
         self.len
@@ -123,6 +144,49 @@ impl<'m> GuestMemory<'m> {
     /// `true` for an empty region.
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// The bytes, for memory that cannot change while it is borrowed
+    /// ([`from_slice`](Self::from_slice)): the engine writes such memory in place.
+    pub(crate) fn as_stable_slice(&self) -> Option<&'m [u8]> {
+        match self.access {
+            // SAFETY: `Plain` memory was borrowed from a `&'m [u8]` of exactly `len` bytes.
+            Access::Plain => {
+                Some(unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) })
+            }
+            _ => None,
+        }
+    }
+
+    /// Copies `dst.len()` bytes at `offset` into `dst`, as [`copy_to`](Self::copy_to) does, and
+    /// from a file with `pread(2)`: a read past the file's end is `UnexpectedEof`.
+    pub(crate) fn read_into(&self, offset: usize, dst: &mut [u8]) -> io::Result<()> {
+        let Access::File { fd, offset: base } = self.access else {
+            self.copy_to(offset, dst);
+            return Ok(());
+        };
+        if offset
+            .checked_add(dst.len())
+            .is_none_or(|end| end > self.len)
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "read past the end of the guest memory",
+            ));
+        }
+        // SAFETY: `fd` was a `BorrowedFd<'m>` when this value was made, and the `'m` borrow
+        // (held by `_borrow`) keeps it open for as long as `self` lives.
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        crate::file::pread_exact(fd, dst, base + offset as u64, crate::error::Op::ReadMemory)
+    }
+
+    /// What to call this memory in an error message: the file's path for file-backed memory.
+    pub(crate) fn describe(&self) -> std::path::PathBuf {
+        match self.access {
+            Access::File { fd, .. } => std::fs::read_link(format!("/proc/self/fd/{fd}"))
+                .unwrap_or_else(|_| format!("fd {fd}").into()),
+            _ => "guest memory".into(),
+        }
     }
 
     /// Address of the first byte (for identification only; never dereference it yourself
@@ -137,6 +201,8 @@ impl<'m> GuestMemory<'m> {
     /// # Panics
     ///
     /// If `offset + dst.len()` is past the end of the region.
+    /// File-backed memory ([`from_file`](Self::from_file)) is read with `pread(2)`; a read
+    /// error there panics too — use a save, which reports it, rather than `copy_to`.
     pub fn copy_to(&self, offset: usize, dst: &mut [u8]) {
         let end = offset.checked_add(dst.len());
         assert!(
@@ -146,6 +212,14 @@ impl<'m> GuestMemory<'m> {
             self.len
         );
         match self.access {
+            Access::File { .. } => {
+                if let Err(e) = self.read_into(offset, dst) {
+                    panic!(
+                        "read of {} bytes at {offset} of a guest memory file: {e}",
+                        dst.len()
+                    );
+                }
+            }
             Access::Plain => {
                 // SAFETY: the range is inside the region (checked above), which was borrowed
                 // from a `&'m [u8]` that lives at least as long as `self`.

@@ -10,17 +10,22 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
+use mapped_ram_core::bitmap::BitmapRef;
 use mapped_ram_core::layout::BlockLayout;
 use mapped_ram_core::schedule::{self, Chunk, ReadPolicy, WorkQueue};
 
-use crate::error::{GuestMemoryState, IoFailure, Op, RestoreError, RestoreErrorKind};
-use crate::file::{self, DirectIo};
+use crate::blocks::{self, Wanted};
+use crate::error::{GuestMemoryState, IoFailure, Op, RestoreError, RestoreErrorKind, SaveError};
+use crate::executor::{
+    self, open_channels, BadChecksum, ChannelError, Control, FileChannels, Job, Pages, Stopped,
+    Storage, Verifying,
+};
+use crate::file::DirectIo;
 use crate::inspect::{open_snapshot, BlockInfo, SnapshotInfo};
 use crate::progress::{Cancel, Progress, ProgressFn};
-use crate::save::{check_regions, default_channels, gib_per_s, open_channels, ChannelOpenError};
-use crate::sys::{is_aligned, AlignedBuf};
+use crate::save::{default_channels, gib_per_s};
 
 /// One guest RAM block to restore into.
 #[derive(Debug)]
@@ -87,6 +92,7 @@ impl Default for RestoreOptions {
 
 /// What a restore did.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct RestoreReport {
     /// Blocks restored.
     pub blocks_restored: Vec<String>,
@@ -128,26 +134,18 @@ fn check_options(
     regions: &[RestoreRegion<'_>],
     opts: &RestoreOptions,
 ) -> Result<u64, RestoreError> {
-    if opts.channels == 0 || opts.channels > 255 {
-        return Err(RestoreErrorKind::Options(format!(
-            "channels must be between 1 and 255, not {}",
-            opts.channels
-        ))
-        .into());
-    }
-    let page_size = check_regions(
+    crate::plan::check_options(
+        opts.channels,
+        opts.chunk_bytes,
         regions
             .iter()
             .map(|r| (r.name, r.memory.len() as u64, r.page_size)),
-    )?;
-    if opts.chunk_bytes < page_size || opts.chunk_bytes % page_size != 0 {
-        return Err(RestoreErrorKind::Options(format!(
-            "chunk size {} is not a multiple of the page size {page_size}",
-            opts.chunk_bytes
-        ))
-        .into());
-    }
-    Ok(page_size)
+    )
+    .map_err(|e| match e {
+        SaveError::Region(r) => RestoreErrorKind::Region(r).into(),
+        SaveError::Options(o) => RestoreErrorKind::Options(o).into(),
+        other => RestoreErrorKind::Internal(other.to_string()).into(),
+    })
 }
 
 /// Restores the blocks named by `regions` from the snapshot at `path`.
@@ -155,6 +153,8 @@ fn check_options(
 /// Every region must name a block of the snapshot with exactly its length; blocks no region
 /// names are skipped and listed in the report. On failure the error says which regions' memory
 /// was written ([`GuestMemoryState`]); validation failures always leave memory untouched.
+/// The snapshot is opened once: every channel reads the same file, even if another save
+/// renames a new snapshot over `path` meanwhile.
 pub fn restore(
     path: &Path,
     regions: &mut [RestoreRegion<'_>],
@@ -164,28 +164,23 @@ pub fn restore(
     let started = Instant::now();
     let page_size = check_options(regions, opts)?;
     let snap = open_snapshot(path, opts.offset)?;
+    let main = snap.fd.as_fd();
     let mut open = |probe: Option<u64>| {
-        open_channels(path, false, opts.channels, opts.direct_io, probe)
-            .map(|(fds, direct, fallback)| (Channels::Owned(fds), direct, fallback))
+        open_channels(main, path, false, opts.channels, opts.direct_io, probe)
+            .map(|c| (Channels::Owned(c.fds), c.direct, c.fallback))
             .map_err(|e| match e {
-                ChannelOpenError::Refused(r) => RestoreErrorKind::DirectIoRefused {
-                    path: path.to_path_buf(),
-                    filesystem: r.filesystem,
-                    source: r.source,
-                },
-                ChannelOpenError::Io(f) => RestoreErrorKind::Io(f),
+                ChannelError::DirectRefused { filesystem, source } => {
+                    RestoreErrorKind::DirectIoRefused {
+                        path: path.to_path_buf(),
+                        filesystem,
+                        source,
+                    }
+                }
+                ChannelError::Io(f) => RestoreErrorKind::Io(f),
             })
     };
     restore_engine(
-        &snap.info,
-        snap.fd.as_fd(),
-        path,
-        page_size,
-        started,
-        regions,
-        opts,
-        progress,
-        &mut open,
+        &snap.info, main, path, page_size, started, regions, opts, progress, &mut open,
     )
 }
 
@@ -212,7 +207,8 @@ pub fn restore_from_fds(
     )
 }
 
-/// Channel descriptors: opened by path, or one caller-provided descriptor shared by all.
+/// Channel descriptors: derived from the main one, or one caller-provided descriptor shared
+/// by all.
 enum Channels<'a> {
     Owned(Vec<OwnedFd>),
     Shared(BorrowedFd<'a>, usize),
@@ -243,32 +239,23 @@ fn restore_engine<'o>(
     open: &mut OpenChannels<'o>,
 ) -> Result<RestoreReport, RestoreError> {
     // Match regions to blocks before touching anything.
-    let mut chosen: Vec<&BlockInfo> = Vec::with_capacity(regions.len());
-    for region in regions.iter() {
-        let block = info.block_for_restore(region.name)?;
-        if block.layout.length != region.memory.len() as u64 {
-            return Err(RestoreErrorKind::SizeMismatch {
-                name: region.name.into(),
-                file_length: block.layout.length,
-                region_length: region.memory.len() as u64,
-            }
-            .into());
-        }
-        if block.layout.page_size != region.page_size {
-            return Err(RestoreErrorKind::PageSizeMismatch {
-                name: region.name.into(),
-                file: block.layout.page_size,
-                region: region.page_size,
-            }
-            .into());
-        }
-        chosen.push(block);
-    }
+    let index = blocks::find_all(
+        &info.blocks,
+        regions.iter().map(|r| Wanted {
+            name: r.name,
+            length: Some(r.memory.len() as u64),
+            page_size: Some(r.page_size),
+            needs_pages: false,
+        }),
+    )
+    .map_err(RestoreErrorKind::from)?;
+    let chosen: Vec<&BlockInfo> = index.iter().map(|&i| &info.blocks[i]).collect();
     let blocks_skipped = info
         .blocks
         .iter()
-        .filter(|b| !regions.iter().any(|r| r.name == b.name))
-        .map(|b| b.name.clone())
+        .enumerate()
+        .filter(|(i, _)| !index.contains(i))
+        .map(|(_, b)| b.name.clone())
         .collect();
     let layouts: Vec<BlockLayout> = chosen.iter().map(|b| b.layout).collect();
     // Page checksums of the chosen blocks, read and checked before anything is written.
@@ -276,24 +263,20 @@ fn restore_engine<'o>(
         (Some(integrity), true) => {
             let all: Vec<BlockLayout> = info.blocks.iter().map(|b| b.layout).collect();
             let mut tables = crate::integrity::read_table(main, path, integrity, &all)?;
-            let mut picked = Vec::with_capacity(chosen.len());
-            for block in &chosen {
-                let index = info
-                    .blocks
+            Some(
+                index
                     .iter()
-                    .position(|b| b.name == block.name)
-                    .unwrap_or(0);
-                picked.push(std::mem::take(&mut tables[index]));
-            }
-            Some(picked)
+                    .map(|&i| std::mem::take(&mut tables[i]))
+                    .collect::<Vec<_>>(),
+            )
         }
         _ => None,
     };
-    let probe = crate::save::probe_offset(&layouts, page_size);
+    let probe = crate::writer::probe_offset(&layouts, page_size);
     let (channels, direct, fallback) = open(probe)?;
-    let fds = channels.fds();
+    let files = FileChannels::new(channels.fds(), direct, opts.chunk_bytes);
     let queue = WorkQueue::new(&layouts, opts.chunk_bytes)
-        .map_err(|e| RestoreErrorKind::Options(e.to_string()))?;
+        .map_err(|e| RestoreErrorKind::Internal(e.to_string()))?;
 
     // Split every region into the chunks the queue hands out, so each channel gets exclusive
     // `&mut` access to the memory of the chunk it claimed — no unsafe sharing needed.
@@ -308,52 +291,44 @@ fn restore_engine<'o>(
                 .collect()
         })
         .collect();
+    let stored: Vec<BitmapRef<'_>> = chosen.iter().map(|b| b.bitmap_ref()).collect();
     let policy = ReadPolicy {
         max_io: opts.chunk_bytes,
         max_gap_pages: opts.max_gap_pages,
     };
     let counters = Counters::default();
-    let failure: Mutex<Option<RestoreErrorKind>> = Mutex::new(None);
     let total: u64 = layouts.iter().map(|l| l.length).sum();
-    let cancelled = || opts.cancel.as_ref().is_some_and(Cancel::is_cancelled);
-    let ctx = ChannelCtx {
+    let verifying = tables.as_ref().map(|tables| Verifying {
+        inner: &files,
+        tables,
+        stored: &stored,
+    });
+    let storage: &dyn Storage = match &verifying {
+        Some(v) => v,
+        None => &files,
+    };
+    let job = RestoreJob {
         blocks: &chosen,
-        sums: tables.as_deref(),
+        stored: &stored,
+        storage,
         slots: &slots,
         touched: &touched,
-        queue: &queue,
         policy: &policy,
         counters: &counters,
-        failure: &failure,
         path,
-        direct,
-        page_size,
         zeroed: opts.memory_is_zeroed,
         populate: opts.populate,
         chunk_bytes: opts.chunk_bytes,
     };
-    std::thread::scope(|s| {
-        let handles: Vec<_> = fds
-            .iter()
-            .map(|fd| {
-                let ctx = &ctx;
-                s.spawn(move || ctx.run(*fd))
-            })
-            .collect();
-        while handles.iter().any(|h| !h.is_finished()) {
-            if cancelled() {
-                queue.stop();
-            }
-            if let Some(cb) = progress.as_mut() {
-                cb(Progress {
-                    done: counters.ram_done.load(Ordering::Relaxed),
-                    total,
-                });
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    });
-    drop(fds);
+    let ctl = Control {
+        cancel: opts.cancel.as_ref(),
+        progress: progress.as_mut(),
+        total,
+    };
+    let result = executor::execute(opts.channels, &queue, &job, ctl);
+    drop(verifying);
+    drop(files);
+    drop(channels);
     let memory_state = || {
         let blocks: Vec<String> = names
             .iter()
@@ -367,15 +342,14 @@ fn restore_engine<'o>(
             GuestMemoryState::Modified { blocks }
         }
     };
-    if let Some(kind) = failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
+    let kind = match result {
+        Ok(()) => None,
+        Err(Stopped::Failed(kind)) => Some(kind),
+        Err(Stopped::Cancelled) => Some(RestoreErrorKind::Cancelled),
+    };
+    if let Some(kind) = kind {
         return Err(RestoreError {
             kind,
-            memory: memory_state(),
-        });
-    }
-    if cancelled() {
-        return Err(RestoreError {
-            kind: RestoreErrorKind::Cancelled,
             memory: memory_state(),
         });
     }
@@ -403,103 +377,49 @@ fn restore_engine<'o>(
 
 #[derive(Default)]
 struct Counters {
-    ram_done: AtomicU64,
     data_bytes: AtomicU64,
     reads: AtomicU64,
 }
 
 type Slots<'m> = Vec<Vec<Mutex<Option<&'m mut [u8]>>>>;
 
-struct ChannelCtx<'a, 'm> {
+/// The channel work of a restore: a chunk's stored pages, from the file into guest memory.
+struct RestoreJob<'a, 'm> {
     blocks: &'a [&'a BlockInfo],
-    sums: Option<&'a [Vec<u32>]>,
+    stored: &'a [BitmapRef<'a>],
+    storage: &'a dyn Storage,
     slots: &'a Slots<'m>,
     touched: &'a [AtomicBool],
-    queue: &'a WorkQueue<'a>,
     policy: &'a ReadPolicy,
     counters: &'a Counters,
-    failure: &'a Mutex<Option<RestoreErrorKind>>,
     path: &'a Path,
-    direct: bool,
-    page_size: u64,
     zeroed: bool,
     populate: bool,
     chunk_bytes: u64,
 }
 
-/// Why reading an extent failed.
-enum ReadFailure {
-    Io(std::io::Error),
-    Checksum(RestoreErrorKind),
-}
+impl Job for RestoreJob<'_, '_> {
+    type Scratch = ();
+    type Error = RestoreErrorKind;
 
-impl ChannelCtx<'_, '_> {
-    /// Checks the stored pages of an extent just read into `dst` against their checksums.
-    fn check_pages(
-        &self,
-        block: usize,
-        sums: &[u32],
-        ext: &schedule::Extent,
-        dst: &[u8],
-        stored: &mapped_ram_core::bitmap::BitmapRef<'_>,
-    ) -> Result<(), ReadFailure> {
-        let ps = self.page_size;
-        let first = ext.mem_offset / ps;
-        for (i, data) in dst.chunks_exact(ps as usize).enumerate() {
-            let page = first + i as u64;
-            if !stored.test(page) {
-                continue;
-            }
-            let expected = sums.get(page as usize).copied().unwrap_or(0);
-            let actual = crate::integrity::page_checksum(data, page);
-            if actual != expected {
-                let layout = &self.blocks[block].layout;
-                return Err(ReadFailure::Checksum(RestoreErrorKind::Checksum {
-                    path: self.path.to_path_buf(),
-                    block: self.blocks[block].name.clone(),
-                    page,
-                    file_offset: layout.pages_offset + page * ps,
-                    expected,
-                    actual,
-                }));
-            }
-        }
-        Ok(())
-    }
+    fn scratch(&self) {}
 
-    fn run(&self, fd: BorrowedFd<'_>) {
-        let mut bounce: Option<AlignedBuf> = None;
-        while let Some(chunk) = self.queue.claim() {
-            if let Err(e) = self.chunk(fd, &chunk, &mut bounce) {
-                self.queue.stop();
-                let mut slot = self.failure.lock().unwrap_or_else(|p| p.into_inner());
-                slot.get_or_insert(e);
-                return;
-            }
-        }
-    }
-
-    fn chunk(
-        &self,
-        fd: BorrowedFd<'_>,
-        chunk: &Chunk,
-        bounce: &mut Option<AlignedBuf>,
-    ) -> Result<(), RestoreErrorKind> {
+    fn chunk(&self, ch: usize, _: &mut (), chunk: &Chunk) -> Result<u64, RestoreErrorKind> {
         let block = self.blocks[chunk.block];
         let layout = &block.layout;
-        let ps = self.page_size;
+        let ps = layout.page_size;
         let base = chunk.start * ps;
         let index = (base / self.chunk_bytes) as usize;
         let mut guard = self.slots[chunk.block][index]
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         let Some(memory) = guard.take() else {
-            return Err(RestoreErrorKind::Options(format!(
+            return Err(RestoreErrorKind::Internal(format!(
                 "chunk at page {} of block {:?} handed out twice",
                 chunk.start, block.name
             )));
         };
-        let stored = block.bitmap_ref();
+        let stored = &self.stored[chunk.block];
         // Memory that will be written — read into, or zeroed — is faulted in at once. A chunk
         // of only clear pages in memory known to be zero is left alone (never allocated).
         if self.populate
@@ -514,8 +434,7 @@ impl ChannelCtx<'_, '_> {
         let mut result = Ok(());
         let mut read_any = false;
         let touched = &self.touched[chunk.block];
-        let pages = chunk.end - chunk.start;
-        schedule::read_extents(layout, chunk.block, chunk, &stored, self.policy, |ext| {
+        schedule::read_extents(layout, chunk.block, chunk, stored, self.policy, |ext| {
             if result.is_err() {
                 return;
             }
@@ -523,39 +442,39 @@ impl ChannelCtx<'_, '_> {
             read_any = true;
             let start = (ext.mem_offset - base) as usize;
             let dst = &mut memory[start..start + ext.len as usize];
-            let read = if self.direct && !is_aligned(dst) {
-                let buf =
-                    bounce.get_or_insert_with(|| AlignedBuf::new(self.policy.max_io as usize));
-                let tmp = &mut buf.as_mut_slice()[..dst.len()];
-                file::preadv_exact(fd, tmp, ext.file_offset)
-                    .map(|()| dst.copy_from_slice(tmp))
-                    .map_err(ReadFailure::Io)
-            } else {
-                file::preadv_exact(fd, dst, ext.file_offset).map_err(ReadFailure::Io)
+            let pages = Pages {
+                block: chunk.block,
+                first: ext.first_page,
+                page_size: ps,
             };
-            let read = read.and_then(|()| match self.sums {
-                Some(sums) => self.check_pages(chunk.block, &sums[chunk.block], &ext, dst, &stored),
-                None => Ok(()),
-            });
-            match read {
+            match self.storage.read_pages(ch, pages, dst, ext.file_offset) {
                 Ok(()) => {
                     self.counters.reads.fetch_add(1, Ordering::Relaxed);
                     self.counters
                         .data_bytes
                         .fetch_add(ext.len, Ordering::Relaxed);
                 }
-                Err(ReadFailure::Io(e)) => {
-                    result = Err(RestoreErrorKind::Io(IoFailure::new(
-                        Op::ReadPages,
-                        self.path,
-                        Some(ext.file_offset),
-                        e,
-                    )))
+                Err(e) => {
+                    result = Err(match BadChecksum::from_io(&e) {
+                        Some(bad) => RestoreErrorKind::Checksum {
+                            path: self.path.to_path_buf(),
+                            block: block.name.clone(),
+                            page: bad.page,
+                            file_offset: bad.file_offset,
+                            expected: bad.expected,
+                            actual: bad.actual,
+                        },
+                        None => RestoreErrorKind::Io(IoFailure::new(
+                            Op::ReadPages,
+                            self.path,
+                            Some(ext.file_offset),
+                            e,
+                        )),
+                    })
                 }
-                Err(ReadFailure::Checksum(kind)) => result = Err(kind),
             }
         })
-        .map_err(|e| RestoreErrorKind::Options(e.to_string()))?;
+        .map_err(|e| RestoreErrorKind::Internal(e.to_string()))?;
         result?;
         // Pages with a clear bit read as zero — also where a gap read brought in stale bytes.
         if !self.zeroed || read_any {
@@ -566,9 +485,6 @@ impl ChannelCtx<'_, '_> {
                 memory[from..to].fill(0);
             }
         }
-        self.counters
-            .ram_done
-            .fetch_add(pages * ps, Ordering::Relaxed);
-        Ok(())
+        Ok(chunk.pages() * ps)
     }
 }

@@ -33,25 +33,22 @@
 
 use std::os::fd::{AsFd, BorrowedFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::AtomicU64;
 use std::time::Instant;
 
 use mapped_ram_core::bitmap::{words_for, AtomicBitmap};
 use mapped_ram_core::layout::BlockLayout;
-use mapped_ram_core::schedule::WorkQueue;
-use rustix::fs::SeekFrom;
-use rustix::io::Errno;
+use mapped_ram_core::schedule::{Chunk, WorkQueue};
 
-use crate::error::{FormatError, IoFailure, Op, SaveError};
-use crate::file::{self, DirectIo};
+use crate::blocks::{self, Wanted};
+use crate::error::{BlockMismatch, FormatError, IoFailure, Op, SaveError};
+use crate::executor::{self, Control, Job, Stopped};
+use crate::file;
 use crate::inspect::{open_snapshot, BlockInfo};
 use crate::integrity;
-use crate::live::{self, Dirty, LiveRegion, PassEngine, PassIo};
-use crate::progress::Cancel;
-use crate::save::{
-    self, open_channels, parent_dir, ChannelOpenError, Plan, PlannedIntegrity, SaveOptions,
-};
+use crate::live::LiveRegion;
+use crate::save::SaveOptions;
+use crate::writer::{Block, Dirty, Writer};
 use crate::zero;
 
 /// How the updated file is made from the old one.
@@ -177,6 +174,7 @@ impl UpdateReport {
 
 /// Why an update failed. The snapshot at the path is always left as it was.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum UpdateError {
     /// Writing the new file failed.
     #[error("{0}")]
@@ -184,13 +182,13 @@ pub enum UpdateError {
     /// The snapshot cannot be read.
     #[error("{0}")]
     Format(#[from] FormatError),
-    /// The snapshot's layout does not match the regions.
-    #[error("{path}: cannot update: {message}")]
+    /// The snapshot's blocks do not match the regions.
+    #[error("{path}: cannot update: {source}")]
     Mismatch {
         /// The snapshot.
         path: PathBuf,
         /// What differs.
-        message: String,
+        source: BlockMismatch,
     },
     /// [`CopyMode::Reflink`] and the file system cannot share extents.
     #[error(
@@ -208,88 +206,6 @@ impl From<IoFailure> for UpdateError {
     fn from(f: IoFailure) -> Self {
         UpdateError::Save(SaveError::Io(f))
     }
-}
-
-fn mismatch(path: &Path, message: String) -> UpdateError {
-    UpdateError::Mismatch {
-        path: path.to_path_buf(),
-        message,
-    }
-}
-
-/// Checks that the snapshot's blocks are exactly the regions; returns them in region order.
-fn match_blocks<'i>(
-    path: &Path,
-    blocks: &'i [BlockInfo],
-    regions: &[LiveRegion<'_>],
-) -> Result<Vec<&'i BlockInfo>, UpdateError> {
-    let describe = |items: Vec<String>| items.join(", ");
-    let file_blocks = || {
-        describe(
-            blocks
-                .iter()
-                .map(|b| format!("{} ({} bytes)", b.name, b.layout.length))
-                .collect(),
-        )
-    };
-    let mut chosen = Vec::with_capacity(regions.len());
-    for r in regions {
-        let Some(b) = blocks.iter().find(|b| b.name == r.name) else {
-            return Err(mismatch(
-                path,
-                format!(
-                    "block {:?} is not in the snapshot (it holds: {})",
-                    r.name,
-                    file_blocks()
-                ),
-            ));
-        };
-        if b.layout.length != r.memory.len() as u64 {
-            return Err(mismatch(
-                path,
-                format!(
-                    "block {:?} is {} bytes in the snapshot but the memory given is {} bytes",
-                    r.name,
-                    b.layout.length,
-                    r.memory.len()
-                ),
-            ));
-        }
-        if b.layout.page_size != r.page_size {
-            return Err(mismatch(
-                path,
-                format!(
-                    "block {:?} has page size {} in the snapshot but {} was given",
-                    r.name, b.layout.page_size, r.page_size
-                ),
-            ));
-        }
-        if b.layout.is_empty() {
-            return Err(mismatch(
-                path,
-                format!(
-                    "block {:?} has no page region in the snapshot (x-ignore-shared)",
-                    r.name
-                ),
-            ));
-        }
-        chosen.push(b);
-    }
-    if blocks.len() != regions.len() {
-        let missing: Vec<String> = blocks
-            .iter()
-            .filter(|b| !regions.iter().any(|r| r.name == b.name))
-            .map(|b| b.name.clone())
-            .collect();
-        return Err(mismatch(
-            path,
-            format!(
-                "the snapshot also holds block(s) {} that no region names (give every block)",
-                describe(missing)
-            ),
-        ));
-    }
-    Ok(chosen)
 }
 
 /// Updates the snapshot at `path` with the pages of `regions` that changed (see the module
@@ -314,32 +230,64 @@ pub fn update(
 ) -> Result<UpdateReport, UpdateError> {
     let started = Instant::now();
     let so = &opts.save;
-    let page_size = save::check_options(
-        so,
+    let page_size = crate::plan::check_options(
+        so.channels,
+        so.chunk_bytes,
         regions
             .iter()
             .map(|r| (r.name, r.memory.len() as u64, r.page_size)),
     )?;
     let snap = open_snapshot(path, so.offset)?;
     let info = &snap.info;
-    let chosen = match_blocks(path, &info.blocks, regions)?;
-    let layouts: Vec<BlockLayout> = chosen.iter().map(|b| b.layout).collect();
-    let pages: u64 = layouts.iter().map(BlockLayout::num_pages).sum();
+    // Every block, each named once: region `i` is block `index[i]` of the file.
+    let mismatch = |source| UpdateError::Mismatch {
+        path: path.to_path_buf(),
+        source,
+    };
+    let index = blocks::find_all(
+        &info.blocks,
+        regions.iter().map(|r| Wanted {
+            name: r.name,
+            length: Some(r.memory.len() as u64),
+            page_size: Some(r.page_size),
+            needs_pages: true,
+        }),
+    )
+    .map_err(mismatch)?;
+    blocks::check_complete(&info.blocks, &index).map_err(mismatch)?;
+    // The engine works in file order.
+    let mut by_file: Vec<Option<&LiveRegion<'_>>> = vec![None; info.blocks.len()];
+    for (r, &i) in regions.iter().zip(&index) {
+        by_file[i] = Some(r);
+    }
+    let file_regions: Vec<&LiveRegion<'_>> = by_file.into_iter().flatten().collect();
+    let pages: u64 = info.blocks.iter().map(|b| b.layout.num_pages()).sum();
+    let pages_stored_before: u64 = info.blocks.iter().map(BlockInfo::pages_stored).sum();
 
-    let computed: Vec<Vec<u64>> = match changes {
-        Changes::Compare => compare(snap.fd.as_fd(), path, &chosen, regions, so)?,
-        _ => Vec::new(),
+    let (logs, pages_compared): (Vec<Vec<u64>>, u64) = match changes {
+        Changes::Compare => (
+            compare(snap.fd.as_fd(), path, info, &file_regions, so)?,
+            pages,
+        ),
+        Changes::Dirty(maps) => {
+            if maps.len() != regions.len() {
+                return Err(SaveError::from(crate::error::OptionError::DirtyLogCount {
+                    logs: maps.len(),
+                    blocks: regions.len(),
+                })
+                .into());
+            }
+            let mut logs = vec![Vec::new(); info.blocks.len()];
+            for (map, &i) in maps.iter().zip(&index) {
+                logs[i] = map.to_vec();
+            }
+            (logs, 0)
+        }
+        Changes::All => (Vec::new(), 0),
     };
-    let refs: Vec<&[u64]> = computed.iter().map(Vec::as_slice).collect();
-    let (dirty, pages_compared) = match changes {
-        Changes::All => (Dirty::All, 0),
-        Changes::Dirty(maps) => (Dirty::Bitmaps(maps), 0),
-        Changes::Compare => (Dirty::Bitmaps(&refs), pages),
-    };
-    let pages_stored_before: u64 = chosen.iter().map(|b| b.pages_stored()).sum();
     if matches!(changes, Changes::Compare)
         && so.device_state.is_none()
-        && computed.iter().all(|m| m.iter().all(|w| *w == 0))
+        && logs.iter().all(|m| m.iter().all(|w| *w == 0))
     {
         return Ok(UpdateReport {
             path: path.to_path_buf(),
@@ -362,145 +310,46 @@ pub fn update(
             stale_temporaries_removed: Vec::new(),
         });
     }
-
-    // The copy.
-    let mode = rustix::fs::fstat(snap.fd.as_fd())
-        .map(|st| st.st_mode & 0o7777)
-        .unwrap_or(0o600);
-    let (mut temp, main, stale) = save::create_temp(path, mode)?;
-    let tmp_path = temp.path.clone();
-    let (copy, copy_bytes) = clone_or_copy(
-        snap.fd.as_fd(),
-        main.as_fd(),
-        info.file_size,
-        opts.copy,
-        path,
-        &tmp_path,
-    )?;
-
-    // The changed pages.
-    let probe = save::probe_offset(&layouts, page_size);
-    let (channels, direct) = open_update_channels(&tmp_path, so.channels, so.direct_io, probe)?;
-    let mut engine = PassEngine::new(layouts.clone(), page_size, so, opts.punch_holes, false);
-    for (block, info_block) in chosen.iter().enumerate() {
-        for (i, w) in info_block.bitmap.iter().enumerate() {
-            engine.stored[block][i].store(*w, Ordering::Relaxed);
-            engine.bytes[block][i].store(*w, Ordering::Relaxed);
+    let tables = match &info.integrity {
+        Some(integ) => {
+            let layouts: Vec<BlockLayout> = info.blocks.iter().map(|b| b.layout).collect();
+            Some(integrity::read_table(
+                snap.fd.as_fd(),
+                path,
+                integ,
+                &layouts,
+            )?)
         }
-    }
-    if let Some(integ) = &info.integrity {
-        let file_layouts: Vec<BlockLayout> = info.blocks.iter().map(|b| b.layout).collect();
-        let tables = integrity::read_table(snap.fd.as_fd(), path, integ, &file_layouts)?;
-        let by_name = |name: &str| {
-            info.blocks
-                .iter()
-                .position(|b| b.name == name)
-                .map(|i| &tables[i])
-        };
-        engine.sums = Some(
-            regions
-                .iter()
-                .map(|r| {
-                    by_name(r.name)
-                        .map(|t| t.iter().map(|s| AtomicU32::new(*s)).collect())
-                        .unwrap_or_default()
-                })
-                .collect(),
-        );
-    }
-    let io = PassIo {
-        main: main.as_fd(),
-        channels: channels.iter().map(|f| f.as_fd()).collect(),
-        path: &tmp_path,
-        cancel: so.cancel.as_ref(),
+        None => None,
     };
-    let pass = engine.run(&io, regions, dirty, 0)?;
-    drop(io);
-    drop(channels);
-
-    // Device state, bitmaps, checksums.
-    let fail = |op: Op, offset: Option<u64>| {
-        let p = tmp_path.clone();
-        move |e: std::io::Error| UpdateError::from(IoFailure::new(op, p, offset, e))
+    let engine_blocks = file_regions
+        .iter()
+        .map(|r| Block {
+            name: r.name,
+            memory: r.memory,
+            page_size: r.page_size,
+        })
+        .collect();
+    let (mut w, copy, copy_bytes) = Writer::from_snapshot(
+        path,
+        snap.fd.as_fd(),
+        info,
+        tables,
+        engine_blocks,
+        so,
+        opts.punch_holes,
+        opts.copy,
+    )?;
+    let refs: Vec<&[u64]> = logs.iter().map(Vec::as_slice).collect();
+    let dirty = match changes {
+        Changes::All => Dirty::All,
+        _ => Dirty::Logs(&refs),
     };
-    let mut stream_end = info.device_state_end();
-    if let Some(ds) = &so.device_state {
-        file::write_all_at(main.as_fd(), ds, info.device_state_offset, Op::WriteStream)
-            .map_err(fail(Op::WriteStream, Some(info.device_state_offset)))?;
-        stream_end = info.device_state_offset + ds.len() as u64;
-        file::set_len(main.as_fd(), stream_end).map_err(fail(Op::Truncate, Some(stream_end)))?;
-    }
-    let pages_stored = live::write_bitmaps(&engine, main.as_fd(), &tmp_path)?;
-    if let (Some(integ), Some(sums)) = (&info.integrity, &engine.sums) {
-        // The table in file block order.
-        let file_layouts: Vec<BlockLayout> = info.blocks.iter().map(|b| b.layout).collect();
-        let file_sums: Vec<Vec<AtomicU32>> = info
-            .blocks
-            .iter()
-            .map(|b| {
-                let r = regions.iter().position(|r| r.name == b.name);
-                r.map(|r| {
-                    sums[r]
-                        .iter()
-                        .map(|s| AtomicU32::new(s.load(Ordering::Relaxed)))
-                        .collect()
-                })
-                .unwrap_or_default()
-            })
-            .collect();
-        let table_len = integ.record.table_len;
-        let file_size = stream_end + table_len + integrity::RECORD_LEN;
-        file::set_len(main.as_fd(), file_size).map_err(fail(Op::Truncate, Some(file_size)))?;
-        let first_record = file_layouts
-            .first()
-            .map(|l| l.record_offset)
-            .unwrap_or(stream_end);
-        let crc = live::metadata_crc(
-            main.as_fd(),
-            &tmp_path,
-            so.offset,
-            first_record,
-            &file_layouts,
-            info.device_stream_start,
-            stream_end,
-        )?;
-        let plan = Plan {
-            head: Vec::new(),
-            layouts: file_layouts,
-            records: Vec::new(),
-            device_stream_start: info.device_stream_start,
-            tail: Vec::new(),
-            integrity: None,
-        };
-        let planned = PlannedIntegrity {
-            anchor_offset: integ.anchor_offset,
-            table_offset: stream_end,
-            table_len,
-        };
-        save::write_checksums(
-            main.as_fd(),
-            &tmp_path,
-            &plan,
-            &planned,
-            &file_sums,
-            crc,
-            page_size,
-            file_size,
-        )?;
-    }
-    if so.fsync {
-        file::fdatasync(main.as_fd()).map_err(fail(Op::Sync, None))?;
-    }
-    drop(main);
-    if so.cancel.as_ref().is_some_and(Cancel::is_cancelled) {
-        return Err(SaveError::Cancelled.into());
-    }
-    file::rename(&tmp_path, path).map_err(|e| IoFailure::new(Op::Rename, path, None, e))?;
-    temp.committed = true;
-    if so.fsync {
-        let dir = parent_dir(path);
-        file::fsync_dir(&dir).map_err(|e| IoFailure::new(Op::SyncDir, dir, None, e))?;
-    }
+    let pass = w.pass(dirty, None)?;
+    let finished = w.finish(None)?;
+    let direct = w.direct;
+    let stale = w.stale_removed.clone();
+    w.commit()?.release_in_background();
     Ok(UpdateReport {
         path: path.to_path_buf(),
         copy,
@@ -513,9 +362,9 @@ pub fn update(
         pages_punched: pass.pages_punched,
         data_bytes: pass.data_bytes,
         writes: pass.writes,
-        pages_stored,
-        full_save_bytes: pages_stored * page_size,
-        checksums: info.integrity.is_some(),
+        pages_stored: finished.pages_stored,
+        full_save_bytes: finished.pages_stored * page_size,
+        checksums: finished.checksums,
         direct_io: direct,
         channels: so.channels,
         seconds: started.elapsed().as_secs_f64(),
@@ -523,18 +372,83 @@ pub fn update(
     })
 }
 
-/// Finds the pages of `regions` that differ from the snapshot; returns one dirty bitmap per
-/// region.
+/// The channel work of a comparison: which pages of a chunk differ from the snapshot.
+struct CompareJob<'a, 'm> {
+    fd: BorrowedFd<'a>,
+    path: &'a Path,
+    blocks: &'a [BlockInfo],
+    regions: &'a [&'a LiveRegion<'m>],
+    dirty: &'a [Vec<AtomicU64>],
+    chunk_bytes: usize,
+}
+
+impl Job for CompareJob<'_, '_> {
+    type Scratch = (Vec<u8>, Vec<u8>);
+    type Error = UpdateError;
+
+    fn scratch(&self) -> Self::Scratch {
+        (vec![0u8; self.chunk_bytes], vec![0u8; self.chunk_bytes])
+    }
+
+    fn chunk(
+        &self,
+        _: usize,
+        (mem, old): &mut Self::Scratch,
+        chunk: &Chunk,
+    ) -> Result<u64, UpdateError> {
+        let b = chunk.block;
+        let layout = &self.blocks[b].layout;
+        let ps = layout.page_size;
+        let stored = self.blocks[b].bitmap_ref();
+        let base = chunk.start * ps;
+        let len = (chunk.pages() * ps) as usize;
+        let memory = self.regions[b].memory;
+        memory
+            .read_into(base as usize, &mut mem[..len])
+            .map_err(|e| {
+                SaveError::Io(IoFailure::new(
+                    Op::ReadMemory,
+                    memory.describe(),
+                    Some(base),
+                    e,
+                ))
+            })?;
+        for run in stored.runs_in(chunk.range(), true) {
+            let from = ((run.start - chunk.start) * ps) as usize;
+            let to = ((run.end - chunk.start) * ps) as usize;
+            let at = layout.pages_offset + run.start * ps;
+            file::preadv_exact(self.fd, &mut old[from..to], at)
+                .map_err(|e| IoFailure::new(Op::ReadPages, self.path, Some(at), e))?;
+        }
+        let map = AtomicBitmap::new(&self.dirty[b], layout.num_pages()).map_err(SaveError::from)?;
+        for page in chunk.range() {
+            let from = ((page - chunk.start) * ps) as usize;
+            let now = &mem[from..from + ps as usize];
+            let differs = if stored.test(page) {
+                now != &old[from..from + ps as usize]
+            } else {
+                !zero::is_zero(now)
+            };
+            if differs {
+                map.update_range(page..page + 1, true)
+                    .map_err(SaveError::from)?;
+            }
+        }
+        Ok(chunk.pages() * ps)
+    }
+}
+
+/// Finds the pages of `regions` (in file block order) that differ from the snapshot; returns
+/// one dirty log per block.
 fn compare(
     fd: BorrowedFd<'_>,
     path: &Path,
-    blocks: &[&BlockInfo],
-    regions: &[LiveRegion<'_>],
+    info: &crate::inspect::SnapshotInfo,
+    regions: &[&LiveRegion<'_>],
     so: &SaveOptions,
 ) -> Result<Vec<Vec<u64>>, UpdateError> {
-    let layouts: Vec<BlockLayout> = blocks.iter().map(|b| b.layout).collect();
-    let queue =
-        WorkQueue::new(&layouts, so.chunk_bytes).map_err(|e| SaveError::Options(e.to_string()))?;
+    let layouts: Vec<BlockLayout> = info.blocks.iter().map(|b| b.layout).collect();
+    let queue = WorkQueue::new(&layouts, so.chunk_bytes).map_err(SaveError::from)?;
     let dirty: Vec<Vec<AtomicU64>> = layouts
         .iter()
         .map(|l| {
@@ -543,79 +457,38 @@ fn compare(
                 .collect()
         })
         .collect();
-    let failure: Mutex<Option<UpdateError>> = Mutex::new(None);
-    let cancelled = || so.cancel.as_ref().is_some_and(Cancel::is_cancelled);
-    std::thread::scope(|s| {
-        for _ in 0..so.channels {
-            s.spawn(|| {
-                let chunk_len = so.chunk_bytes as usize;
-                let mut mem = vec![0u8; chunk_len];
-                let mut old = vec![0u8; chunk_len];
-                while let Some(chunk) = queue.claim() {
-                    if cancelled() {
-                        queue.stop();
-                        return;
-                    }
-                    let b = chunk.block;
-                    let layout = &layouts[b];
-                    let ps = layout.page_size;
-                    let stored = blocks[b].bitmap_ref();
-                    let base = chunk.start * ps;
-                    let len = (chunk.pages() * ps) as usize;
-                    regions[b].memory.copy_to(base as usize, &mut mem[..len]);
-                    for run in stored.runs_in(chunk.range(), true) {
-                        let from = ((run.start - chunk.start) * ps) as usize;
-                        let to = ((run.end - chunk.start) * ps) as usize;
-                        let at = layout.pages_offset + run.start * ps;
-                        if let Err(e) = file::read_exact_at(fd, &mut old[from..to], at) {
-                            queue.stop();
-                            let mut slot = failure.lock().unwrap_or_else(|p| p.into_inner());
-                            slot.get_or_insert(
-                                IoFailure::new(Op::ReadPages, path, Some(at), e).into(),
-                            );
-                            return;
-                        }
-                    }
-                    let map = AtomicBitmap::new(&dirty[b], layout.num_pages());
-                    let Ok(map) = map else { continue };
-                    for page in chunk.range() {
-                        let from = ((page - chunk.start) * ps) as usize;
-                        let now = &mem[from..from + ps as usize];
-                        let differs = if stored.test(page) {
-                            now != &old[from..from + ps as usize]
-                        } else {
-                            !zero::is_zero(now)
-                        };
-                        if differs {
-                            let _ = map.update_range(page..page + 1, true);
-                        }
-                    }
-                }
-            });
-        }
-    });
-    if let Some(e) = failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
-        return Err(e);
+    let job = CompareJob {
+        fd,
+        path,
+        blocks: &info.blocks,
+        regions,
+        dirty: &dirty,
+        chunk_bytes: so.chunk_bytes as usize,
+    };
+    let ctl = Control {
+        cancel: so.cancel.as_ref(),
+        ..Control::default()
+    };
+    match executor::execute(so.channels, &queue, &job, ctl) {
+        Ok(()) => {}
+        Err(Stopped::Failed(e)) => return Err(e),
+        Err(Stopped::Cancelled) => return Err(SaveError::Cancelled.into()),
     }
-    if cancelled() {
-        return Err(SaveError::Cancelled.into());
+    let mut out = Vec::with_capacity(dirty.len());
+    for (words, l) in dirty.iter().zip(&layouts) {
+        let mut snap = vec![0u64; words.len()];
+        AtomicBitmap::new(words, l.num_pages())
+            .and_then(|m| m.snapshot(&mut snap))
+            .map_err(SaveError::from)?;
+        out.push(snap);
     }
-    Ok(dirty
-        .iter()
-        .zip(&layouts)
-        .map(|(words, l)| {
-            let mut out = vec![0u64; words.len()];
-            if let Ok(map) = AtomicBitmap::new(words, l.num_pages()) {
-                let _ = map.snapshot(&mut out);
-            }
-            out
-        })
-        .collect())
+    Ok(out)
 }
 
 /// Makes `dst` a copy of `src`: a reflink if possible (and allowed), else a sparse copy of the
-/// data segments. Returns how, and the bytes of data copied.
-fn clone_or_copy(
+/// data segments. Returns how, and the bytes of data copied. Every call goes through the
+/// fault seam ([`crate::file`]).
+pub(crate) fn clone_or_copy(
     src: BorrowedFd<'_>,
     dst: BorrowedFd<'_>,
     size: u64,
@@ -624,12 +497,12 @@ fn clone_or_copy(
     tmp: &Path,
 ) -> Result<(CopyKind, u64), UpdateError> {
     if mode != CopyMode::Full {
-        match rustix::fs::ioctl_ficlone(dst, src) {
+        match file::clone_file(dst, src) {
             Ok(()) => return Ok((CopyKind::Reflink, 0)),
             Err(e) if mode == CopyMode::Reflink => {
                 return Err(UpdateError::NoReflink {
                     path: path.to_path_buf(),
-                    source: file::io_err(e),
+                    source: e,
                 })
             }
             Err(_) => {}
@@ -639,18 +512,18 @@ fn clone_or_copy(
     let mut copied = 0u64;
     let mut pos = 0u64;
     while pos < size {
-        let data = match rustix::fs::seek(src, SeekFrom::Data(pos)) {
-            Ok(d) => d,
-            Err(Errno::NXIO) => break,
+        let data = match file::seek(src, pos, true) {
+            Ok(Some(d)) => d,
+            Ok(None) => break,
             // No SEEK_DATA here: the whole rest is data.
-            Err(Errno::INVAL | Errno::OPNOTSUPP) => pos,
-            Err(e) => {
-                return Err(IoFailure::new(Op::ReadStream, path, Some(pos), file::io_err(e)).into())
-            }
+            Err(e) if file::seek_unsupported(&e) => pos,
+            Err(e) => return Err(IoFailure::new(Op::Seek, path, Some(pos), e).into()),
         };
-        let hole = match rustix::fs::seek(src, SeekFrom::Hole(data)) {
-            Ok(h) => h.min(size),
-            Err(_) => size,
+        let hole = match file::seek(src, data, false) {
+            Ok(Some(h)) => h.min(size),
+            Ok(None) => size,
+            Err(e) if file::seek_unsupported(&e) => size,
+            Err(e) => return Err(IoFailure::new(Op::Seek, path, Some(data), e).into()),
         };
         if hole <= data {
             pos = data.max(pos + 1);
@@ -677,13 +550,11 @@ fn copy_range(
     let end = offset + len;
     let mut at = offset;
     while at < end {
-        let mut src_off = at;
-        let mut dst_off = at;
         let want = (end - at).min(1 << 30) as usize;
-        match rustix::fs::copy_file_range(src, Some(&mut src_off), dst, Some(&mut dst_off), want) {
+        match file::copy_range(src, dst, at, want) {
             Ok(0) => {
                 return Err(IoFailure::new(
-                    Op::ReadStream,
+                    Op::CopyRange,
                     path,
                     Some(at),
                     std::io::Error::from(std::io::ErrorKind::UnexpectedEof),
@@ -691,8 +562,7 @@ fn copy_range(
                 .into())
             }
             Ok(n) => at += n as u64,
-            Err(Errno::INTR) => {}
-            Err(Errno::XDEV | Errno::INVAL | Errno::NOSYS | Errno::OPNOTSUPP) => {
+            Err(e) if file::copy_range_unsupported(&e) => {
                 let mut buf = vec![0u8; (end - at).min(1 << 20) as usize];
                 while at < end {
                     let n = (end - at).min(buf.len() as u64) as usize;
@@ -703,46 +573,10 @@ fn copy_range(
                     at += n as u64;
                 }
             }
-            Err(e) => {
-                return Err(IoFailure::new(Op::WritePages, tmp, Some(at), file::io_err(e)).into())
-            }
+            Err(e) => return Err(IoFailure::new(Op::CopyRange, tmp, Some(at), e).into()),
         }
     }
     Ok(())
-}
-
-/// Opens the channel descriptors of an update. The copy already holds data, so `O_DIRECT` is
-/// probed with a read (an `O_DIRECT` write probe would overwrite a page).
-fn open_update_channels(
-    tmp: &Path,
-    n: usize,
-    mode: DirectIo,
-    probe: Option<u64>,
-) -> Result<(Vec<std::os::fd::OwnedFd>, bool), UpdateError> {
-    let mut direct = mode;
-    if mode != DirectIo::Off {
-        match file::open_channel(tmp, false, true, probe) {
-            Ok(_) => direct = DirectIo::On,
-            Err(Ok(refused)) if mode == DirectIo::Auto => {
-                let _ = refused;
-                direct = DirectIo::Off;
-            }
-            Err(Ok(refused)) => {
-                return Err(SaveError::DirectIoRefused {
-                    path: tmp.to_path_buf(),
-                    filesystem: refused.filesystem,
-                    source: refused.source,
-                }
-                .into())
-            }
-            Err(Err(f)) => return Err(f.into()),
-        }
-    }
-    let (fds, is_direct, _) = open_channels(tmp, true, n, direct, None).map_err(|e| match e {
-        ChannelOpenError::Io(f) => UpdateError::from(f),
-        refused => refused.into_save_error(tmp).into(),
-    })?;
-    Ok((fds, is_direct))
 }
 
 /// `mapped-ram save --update`: compares the RAM files with the snapshot and writes only the

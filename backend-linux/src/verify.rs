@@ -1,14 +1,21 @@
 //! Checking a snapshot: its structure, its page checksums (when it has them), and optionally
 //! that it holds exactly given RAM contents.
 
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 
-use crate::error::{FormatError, IoFailure, Op};
+use mapped_ram_core::layout::BlockLayout;
+use mapped_ram_core::schedule::{Chunk, WorkQueue};
+
+use crate::blocks::{self, Wanted};
+use crate::error::{BlockMismatch, FormatError, IoFailure, Op};
+use crate::executor::{self, Control, Job, Stopped};
 use crate::file;
-use crate::inspect::{open_snapshot, SnapshotInfo};
+use crate::inspect::{open_snapshot, BlockInfo, SnapshotInfo};
 use crate::integrity;
-use crate::save::SaveRegion;
+use crate::save::{default_channels, SaveRegion};
 
 /// The first page of a block whose content in the snapshot differs from the expected RAM.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,152 +74,205 @@ impl VerifyReport {
 
 /// Why a verification could not be carried out.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum VerifyError {
     /// The snapshot is unreadable or malformed.
     #[error("{0}")]
     Format(#[from] FormatError),
-    /// A region names a block the snapshot does not hold.
-    #[error("block {name:?} is not in the snapshot")]
-    UnknownBlock {
-        /// The region's name.
-        name: String,
-    },
-    /// A region's size differs from the block's length.
-    #[error("block {name:?}: the snapshot holds {file_length} bytes but the RAM given has {region_length}")]
-    SizeMismatch {
-        /// The block.
-        name: String,
-        /// Length in the snapshot.
-        file_length: u64,
-        /// Length of the region.
-        region_length: u64,
-    },
+    /// A region does not fit the snapshot's block.
+    #[error("{0}")]
+    Block(#[from] BlockMismatch),
+}
+
+/// First finding and count of one kind, per block.
+#[derive(Default)]
+struct Findings {
+    count: AtomicU64,
+    /// (page, stored / expected, actual) of the lowest page found.
+    first: Mutex<Option<(u64, u32, u32, bool)>>,
+}
+
+impl Findings {
+    fn note(&self, page: u64, a: u32, b: u32, flag: bool) {
+        self.count.fetch_add(1, Ordering::Relaxed);
+        let mut first = self.first.lock().unwrap_or_else(|p| p.into_inner());
+        if first.is_none_or(|f| page < f.0) {
+            *first = Some((page, a, b, flag));
+        }
+    }
+}
+
+/// The channel work of a verification: a chunk's stored pages read and checked against their
+/// checksums and the expected RAM; its clear pages checked to be zero in the RAM.
+struct VerifyJob<'a> {
+    fd: BorrowedFd<'a>,
+    path: &'a Path,
+    blocks: &'a [BlockInfo],
+    memory: &'a [Option<&'a [u8]>],
+    tables: Option<&'a [Vec<u32>]>,
+    mismatches: &'a [Findings],
+    corrupt: &'a [Findings],
+    checksummed: &'a AtomicU64,
+    chunk_bytes: usize,
+}
+
+impl Job for VerifyJob<'_> {
+    type Scratch = Vec<u8>;
+    type Error = FormatError;
+
+    fn scratch(&self) -> Vec<u8> {
+        vec![0u8; self.chunk_bytes]
+    }
+
+    fn chunk(&self, _: usize, buf: &mut Vec<u8>, chunk: &Chunk) -> Result<u64, FormatError> {
+        let b = chunk.block;
+        let block = &self.blocks[b];
+        let layout = block.layout;
+        let ps = layout.page_size;
+        let memory = self.memory[b];
+        let sums = self.tables.map(|t| t[b].as_slice());
+        if memory.is_none() && sums.is_none() {
+            return Ok(chunk.pages() * ps);
+        }
+        let map = block.bitmap_ref();
+        if let Some(memory) = memory {
+            for run in map.runs_in(chunk.range(), false) {
+                for page in run {
+                    let off = (page * ps) as usize;
+                    if !crate::zero::is_zero(&memory[off..off + ps as usize]) {
+                        self.mismatches[b].note(page, 0, 0, false);
+                    }
+                }
+            }
+        }
+        for run in map.runs_in(chunk.range(), true) {
+            let bytes = ((run.end - run.start) * ps) as usize;
+            let at = layout.pages_offset + run.start * ps;
+            file::preadv_exact(self.fd, &mut buf[..bytes], at).map_err(|e| {
+                FormatError::from(IoFailure::new(Op::ReadPages, self.path, Some(at), e))
+            })?;
+            for (i, data) in buf[..bytes].chunks_exact(ps as usize).enumerate() {
+                let page = run.start + i as u64;
+                if let Some(sums) = sums {
+                    let want = sums[page as usize];
+                    let got = integrity::page_checksum(data, page);
+                    self.checksummed.fetch_add(1, Ordering::Relaxed);
+                    if got != want {
+                        self.corrupt[b].note(page, want, got, true);
+                    }
+                }
+                if let Some(memory) = memory {
+                    let m = (page * ps) as usize;
+                    if data != &memory[m..m + ps as usize] {
+                        self.mismatches[b].note(page, 0, 0, true);
+                    }
+                }
+            }
+        }
+        Ok(chunk.pages() * ps)
+    }
 }
 
 /// Validates the snapshot's structure; checks every stored page against its checksum when the
 /// file has checksums (see [`crate::integrity`]); and, for each of `expected`, compares the
 /// block's contents page by page: a stored page must equal the RAM, a page with a clear bit
-/// must be zero in the RAM.
+/// must be zero in the RAM. Pages are read by several channels, like a restore's.
 pub fn verify(
     path: &Path,
     offset: u64,
     expected: &[SaveRegion<'_>],
 ) -> Result<VerifyReport, VerifyError> {
     let snap = open_snapshot(path, offset)?;
-    let layouts: Vec<_> = snap.info.blocks.iter().map(|b| b.layout).collect();
-    let tables = match &snap.info.integrity {
+    let info: &SnapshotInfo = &snap.info;
+    let layouts: Vec<BlockLayout> = info.blocks.iter().map(|b| b.layout).collect();
+    let tables = match &info.integrity {
         Some(i) => Some(integrity::read_table(snap.fd.as_fd(), path, i, &layouts)?),
         None => None,
     };
-    let mut regions: Vec<Option<&[u8]>> = vec![None; snap.info.blocks.len()];
-    let mut blocks_compared = Vec::new();
-    for region in expected {
-        let Some(index) = snap.info.blocks.iter().position(|b| b.name == region.name) else {
-            return Err(VerifyError::UnknownBlock {
-                name: region.name.into(),
-            });
-        };
-        let layout = snap.info.blocks[index].layout;
-        if layout.length != region.memory.len() as u64 {
-            return Err(VerifyError::SizeMismatch {
-                name: region.name.into(),
-                file_length: layout.length,
-                region_length: region.memory.len() as u64,
-            });
-        }
-        regions[index] = Some(region.memory);
-        blocks_compared.push(region.name.to_string());
+    let index = blocks::find_all(
+        &info.blocks,
+        expected.iter().map(|r| Wanted {
+            name: r.name,
+            length: Some(r.memory.len() as u64),
+            page_size: None,
+            needs_pages: false,
+        }),
+    )?;
+    let mut memory: Vec<Option<&[u8]>> = vec![None; info.blocks.len()];
+    for (r, &i) in expected.iter().zip(&index) {
+        memory[i] = Some(r.memory);
     }
-    let mut mismatches = Vec::new();
-    let mut corrupt = Vec::new();
-    let mut pages_checksummed = 0u64;
-    let mut buf = vec![0u8; 1 << 20];
-    for (index, block) in snap.info.blocks.iter().enumerate() {
-        let layout = block.layout;
-        let memory = regions[index];
-        let sums = tables.as_ref().map(|t| t[index].as_slice());
-        if layout.is_empty() || (memory.is_none() && sums.is_none()) {
-            continue;
-        }
-        let ps = layout.page_size;
-        let map = block.bitmap_ref();
-        let mut first: Option<(u64, bool)> = None;
-        let mut differing = 0u64;
-        let mut note = |page: u64, stored: bool| {
-            differing += 1;
-            if first.is_none_or(|(p, _)| page < p) {
-                first = Some((page, stored));
+    let blocks_compared = expected.iter().map(|r| r.name.to_string()).collect();
+    // Only blocks with pages in the file are scanned.
+    let scanned: Vec<BlockLayout> = layouts
+        .iter()
+        .map(|l| {
+            if l.is_empty() {
+                BlockLayout { length: 0, ..*l }
+            } else {
+                *l
             }
-        };
-        let mut bad: Option<(u64, u32, u32)> = None;
-        let mut pages_bad = 0u64;
-        if let Some(memory) = memory {
-            for run in map.runs(false) {
-                for page in run {
-                    let off = (page * ps) as usize;
-                    if !crate::zero::is_zero(&memory[off..off + ps as usize]) {
-                        note(page, false);
-                    }
-                }
-            }
-        }
-        let pages_per_buf = (buf.len() as u64) / ps;
-        for run in map.runs(true) {
-            let mut page = run.start;
-            while page < run.end {
-                let n = (run.end - page).min(pages_per_buf);
-                let bytes = (n * ps) as usize;
-                let file_off = layout.pages_offset + page * ps;
-                file::read_exact_at(snap.fd.as_fd(), &mut buf[..bytes], file_off).map_err(|e| {
-                    FormatError::from(IoFailure::new(Op::ReadPages, path, Some(file_off), e))
-                })?;
-                for i in 0..n {
-                    let a = (i * ps) as usize;
-                    let data = &buf[a..a + ps as usize];
-                    if let Some(sums) = sums {
-                        let want = sums[(page + i) as usize];
-                        let got = integrity::page_checksum(data, page + i);
-                        pages_checksummed += 1;
-                        if got != want {
-                            pages_bad += 1;
-                            bad.get_or_insert((page + i, want, got));
-                        }
-                    }
-                    if let Some(memory) = memory {
-                        let m = ((page + i) * ps) as usize;
-                        if data != &memory[m..m + ps as usize] {
-                            note(page + i, true);
-                        }
-                    }
-                }
-                page += n;
-            }
-        }
-        if let Some((page, stored)) = first {
-            mismatches.push(Mismatch {
+        })
+        .collect();
+    let findings = |n: usize| (0..n).map(|_| Findings::default()).collect::<Vec<_>>();
+    let (mismatches, corrupt) = (findings(layouts.len()), findings(layouts.len()));
+    let checksummed = AtomicU64::new(0);
+    let chunk_bytes = mapped_ram_core::schedule::DEFAULT_MAX_IO;
+    let queue = WorkQueue::new(&scanned, chunk_bytes).map_err(|e| {
+        FormatError::from(IoFailure::new(
+            Op::ReadPages,
+            path,
+            None,
+            std::io::Error::other(e.to_string()),
+        ))
+    })?;
+    let job = VerifyJob {
+        fd: snap.fd.as_fd(),
+        path,
+        blocks: &info.blocks,
+        memory: &memory,
+        tables: tables.as_deref(),
+        mismatches: &mismatches,
+        corrupt: &corrupt,
+        checksummed: &checksummed,
+        chunk_bytes: chunk_bytes as usize,
+    };
+    match executor::execute(default_channels(), &queue, &job, Control::default()) {
+        Ok(()) => {}
+        Err(Stopped::Failed(e)) => return Err(e.into()),
+        Err(Stopped::Cancelled) => {}
+    }
+    let mut report = VerifyReport {
+        pages_checksummed: tables.as_ref().map(|_| checksummed.load(Ordering::Relaxed)),
+        info: info.clone(),
+        blocks_compared,
+        mismatches: Vec::new(),
+        corrupt: Vec::new(),
+    };
+    for (block, (m, c)) in info.blocks.iter().zip(mismatches.iter().zip(&corrupt)) {
+        let ps = block.layout.page_size;
+        let at = |page: u64| block.layout.pages_offset + page * ps;
+        if let Some((page, _, _, stored)) = *m.first.lock().unwrap_or_else(|p| p.into_inner()) {
+            report.mismatches.push(Mismatch {
                 block: block.name.clone(),
                 page,
-                file_offset: layout.pages_offset + page * ps,
+                file_offset: at(page),
                 stored,
-                pages_differing: differing,
+                pages_differing: m.count.load(Ordering::Relaxed),
             });
         }
-        if let Some((page, expected, actual)) = bad {
-            corrupt.push(CorruptPage {
+        if let Some((page, expected, actual, _)) =
+            *c.first.lock().unwrap_or_else(|p| p.into_inner())
+        {
+            report.corrupt.push(CorruptPage {
                 block: block.name.clone(),
                 page,
-                file_offset: layout.pages_offset + page * ps,
+                file_offset: at(page),
                 expected,
                 actual,
-                pages_bad,
+                pages_bad: c.count.load(Ordering::Relaxed),
             });
         }
     }
-    Ok(VerifyReport {
-        pages_checksummed: tables.as_ref().map(|_| pages_checksummed),
-        info: snap.info,
-        blocks_compared,
-        mismatches,
-        corrupt,
-    })
+    Ok(report)
 }

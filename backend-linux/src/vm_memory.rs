@@ -44,7 +44,7 @@ use vm_memory::{
     GuestRegionMmap, MmapRegion,
 };
 
-use crate::error::{RestoreError, RestoreErrorKind, SaveError};
+use crate::error::{OptionError, RestoreError, RestoreErrorKind, SaveError};
 use crate::inspect::{inspect, open_snapshot};
 use crate::lazy::{self, LazyOptions, LazyReport, LazyTarget};
 use crate::live::{LiveOptions, LiveRegion, LiveReport, LiveSave, PassReport};
@@ -62,11 +62,11 @@ pub fn live_regions<'m, B: Bitmap>(
     names: &[&'m str],
 ) -> Result<Vec<LiveRegion<'m>>, SaveError> {
     if names.len() != mem.num_regions() {
-        return Err(SaveError::Options(format!(
-            "{} block names for {} guest memory regions",
-            names.len(),
-            mem.num_regions()
-        )));
+        return Err(OptionError::RegionNames {
+            names: names.len(),
+            regions: mem.num_regions(),
+        }
+        .into());
     }
     Ok(mem
         .iter()
@@ -121,11 +121,12 @@ impl<'m> VmLiveSave<'m> {
             let pages = region.len() / PAGE_SIZE;
             let bitmap = region_bitmap(region);
             if bitmap.len() as u64 != pages {
-                return Err(SaveError::Options(format!(
-                    "the dirty bitmap of the guest region at {:#x} has {} bits for {pages} pages of {PAGE_SIZE} bytes",
-                    region.start_addr().0,
-                    bitmap.len()
-                )));
+                return Err(OptionError::RegionBitmap {
+                    address: region.start_addr().0,
+                    bits: bitmap.len(),
+                    pages,
+                }
+                .into());
             }
         }
         let live = LiveSave::begin(path, &regions, opts)?;
@@ -139,11 +140,11 @@ impl<'m> VmLiveSave<'m> {
     fn take_dirty(&self, kvm: Option<&[&[u64]]>) -> Result<Vec<Vec<u64>>, SaveError> {
         if let Some(k) = kvm {
             if k.len() != self.mem.num_regions() {
-                return Err(SaveError::Options(format!(
-                    "{} KVM dirty logs for {} regions",
-                    k.len(),
-                    self.mem.num_regions()
-                )));
+                return Err(OptionError::DirtyLogCount {
+                    logs: k.len(),
+                    blocks: self.mem.num_regions(),
+                }
+                .into());
             }
         }
         Ok(self
@@ -207,8 +208,12 @@ fn sorted_by_address<'a>(layout: &[(&'a str, GuestAddress)]) -> Vec<(&'a str, Gu
 fn collection<B: Bitmap>(
     regions: Vec<GuestRegionMmap<B>>,
 ) -> Result<GuestMemoryMmap<B>, RestoreError> {
-    GuestMemoryMmap::from_regions(regions)
-        .map_err(|e| RestoreErrorKind::Options(format!("guest memory layout: {e}")).into())
+    GuestMemoryMmap::from_regions(regions).map_err(|e| {
+        RestoreErrorKind::Options(OptionError::GuestMemory(format!(
+            "guest memory layout: {e}"
+        )))
+        .into()
+    })
 }
 
 /// Restores the blocks of the snapshot at `path` into newly allocated guest memory: block
@@ -224,10 +229,15 @@ pub fn restore_guest_memory<B: NewBitmap>(
     let mut regions = Vec::with_capacity(layout.len());
     for (name, addr) in &layout {
         let block = info.block_for_restore(name)?;
-        let len = usize::try_from(block.layout.length)
-            .map_err(|_| RestoreErrorKind::Options(format!("block {name:?} is too large")))?;
+        let len = usize::try_from(block.layout.length).map_err(|_| {
+            RestoreErrorKind::Options(OptionError::GuestMemory(format!(
+                "block {name:?} is too large"
+            )))
+        })?;
         let region = GuestRegionMmap::<B>::from_range(*addr, len, None).map_err(|e| {
-            RestoreErrorKind::Options(format!("guest memory for block {name:?}: {e}"))
+            RestoreErrorKind::Options(OptionError::GuestMemory(format!(
+                "guest memory for block {name:?}: {e}"
+            )))
         })?;
         regions.push((region, block.layout.page_size));
     }
@@ -235,9 +245,9 @@ pub fn restore_guest_memory<B: NewBitmap>(
         let mut targets = Vec::with_capacity(regions.len());
         for ((region, page_size), (name, _)) in regions.iter_mut().zip(&layout) {
             let memory = vm::exclusive_bytes(region).ok_or_else(|| {
-                RestoreErrorKind::Options(format!(
+                RestoreErrorKind::Options(OptionError::GuestMemory(format!(
                     "the new guest memory for block {name:?} is not exclusively ours"
-                ))
+                )))
             })?;
             targets.push(RestoreRegion {
                 name,
@@ -304,8 +314,11 @@ pub fn restore_lazy_guest_memory<B: NewBitmap>(
     let flags = (rustix::mm::MapFlags::PRIVATE | rustix::mm::MapFlags::NORESERVE).bits() as i32;
     let mut regions = Vec::with_capacity(chosen.len());
     for (block, (name, addr)) in chosen.iter().zip(&layout) {
-        let len = usize::try_from(block.layout.length)
-            .map_err(|_| RestoreErrorKind::Options(format!("block {name:?} is too large")))?;
+        let len = usize::try_from(block.layout.length).map_err(|_| {
+            RestoreErrorKind::Options(OptionError::GuestMemory(format!(
+                "block {name:?} is too large"
+            )))
+        })?;
         let mapping = MmapRegionBuilder::new_with_bitmap(len, B::with_len(len))
             .with_file_offset(FileOffset::from_arc(
                 Arc::clone(&file),
@@ -314,9 +327,16 @@ pub fn restore_lazy_guest_memory<B: NewBitmap>(
             .with_mmap_prot(prot)
             .with_mmap_flags(flags)
             .build()
-            .map_err(|e| RestoreErrorKind::Options(format!("mapping block {name:?}: {e}")))?;
+            .map_err(|e| {
+                RestoreErrorKind::Options(OptionError::GuestMemory(format!(
+                    "mapping block {name:?}: {e}"
+                )))
+            })?;
         let mut region = GuestRegionMmap::new(mapping, *addr).ok_or_else(|| {
-            RestoreErrorKind::Options(format!("block {name:?} does not fit at {:#x}", addr.0))
+            RestoreErrorKind::Options(OptionError::GuestMemory(format!(
+                "block {name:?} does not fit at {:#x}",
+                addr.0
+            )))
         })?;
         lazy::fix_clear_pages(
             std::os::fd::AsFd::as_fd(&*file),

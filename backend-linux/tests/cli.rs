@@ -325,7 +325,12 @@ fn direct_io_on_refused_is_a_clear_error() {
     assert_eq!(code, 1);
     assert_error_line(
         &err,
-        &["direct-io is on", "ramfs", "refused O_DIRECT", "s.mr"],
+        &[
+            "direct I/O is required",
+            "ramfs",
+            "refused O_DIRECT",
+            "s.mr",
+        ],
     );
     let (code, json, err) = auto;
     assert_eq!(code, 0, "{err}");

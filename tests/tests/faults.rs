@@ -326,43 +326,53 @@ fn save_faults_keep_the_previous_snapshot_and_name_op_path_offset() {
         }
         // Preallocation (O_DIRECT only): each block's fallocate, then the hole punched for the
         // long zero run, with EIO and ENOSPC at every call.
-        let calls = count_calls(&s, Op::Allocate, &o);
+        let allocs = count_calls(&s, Op::Allocate, &o);
+        let punches = count_calls(&s, Op::Punch, &o);
         if direct == DirectIo::On {
-            assert_eq!(calls, 3, "two fallocates and one hole punch");
+            assert_eq!(
+                (allocs, punches),
+                (2, 1),
+                "two fallocates and one hole punch"
+            );
             let expected = [
-                b0.pages_offset,
-                b1.pages_offset,
-                b0.pages_offset + s.b.zero_run_start() * PS,
+                (Op::Allocate, 0, b0.pages_offset),
+                (Op::Allocate, 1, b1.pages_offset),
+                (Op::Punch, 0, b0.pages_offset + s.b.zero_run_start() * PS),
             ];
-            for skip in 0..calls {
+            for (op, skip, offset) in expected {
                 for errno in [EIO, ENOSPC] {
-                    let f = s.expect_failure(
-                        fault(Op::Allocate, skip, 1, FaultKind::Errno(errno)),
-                        &o,
-                        errno,
-                    );
+                    let f =
+                        s.expect_failure(fault(op, skip, 1, FaultKind::Errno(errno)), &o, errno);
                     cases += 1;
-                    assert_eq!(f.op, Op::Allocate);
+                    assert_eq!(f.op, op);
                     assert!(s.is_temp(&f.path), "{}", f.path.display());
-                    assert_eq!(f.offset, Some(expected[skip as usize]), "call {skip}");
+                    assert_eq!(f.offset, Some(offset), "{op:?} call {skip}");
                 }
             }
             // A file system that cannot allocate: the save goes on without preallocation.
             s.expect_transparent(fault(Op::Allocate, 0, 1, FaultKind::Errno(EOPNOTSUPP)), &o);
             cases += 1;
         } else {
-            assert_eq!(calls, 0, "no preallocation for buffered writes");
+            assert_eq!(
+                (allocs, punches),
+                (0, 0),
+                "no preallocation for buffered writes"
+            );
         }
         // fdatasync, truncate, rename.
         let f = s.expect_failure(fault(Op::Sync, 0, 1, FaultKind::Errno(EIO)), &o, EIO);
         assert_eq!((f.op, f.offset), (Op::Sync, None));
         assert!(s.is_temp(&f.path));
-        let f = s.expect_failure(
-            fault(Op::Truncate, 0, 1, FaultKind::Errno(ENOSPC)),
-            &o,
-            ENOSPC,
-        );
-        assert_eq!((f.op, f.offset), (Op::Truncate, Some(info.file_size)));
+        // The file is sized to the end of the page regions when it is created, and to its
+        // full size when it is finished.
+        for (skip, size) in [(0, info.device_stream_start), (1, info.file_size)] {
+            let f = s.expect_failure(
+                fault(Op::Truncate, skip, 1, FaultKind::Errno(ENOSPC)),
+                &o,
+                ENOSPC,
+            );
+            assert_eq!((f.op, f.offset), (Op::Truncate, Some(size)));
+        }
         let f = s.expect_failure(fault(Op::Rename, 0, 1, FaultKind::Errno(EIO)), &o, EIO);
         assert_eq!(
             (f.op, f.path.as_path(), f.offset),
@@ -1162,11 +1172,16 @@ fn preallocation_keeps_long_zero_runs_as_holes() {
         };
         fault::clear();
         fault::inject(fault(Op::Allocate, 0, 0, FaultKind::Errno(EIO)));
+        fault::inject(fault(Op::Punch, 0, 0, FaultKind::Errno(EIO)));
         let report = save(&path, &guest.regions(), &o, None).unwrap();
-        let allocs = fault::seen(Op::Allocate);
+        let calls = (fault::seen(Op::Allocate), fault::seen(Op::Punch));
         fault::clear();
         assert!(report.direct_io);
-        assert_eq!(allocs, if preallocate { 3 } else { 0 }, "fallocate calls");
+        assert_eq!(
+            calls,
+            if preallocate { (2, 1) } else { (0, 0) },
+            "fallocate calls"
+        );
         let info = inspect(&path, 0).unwrap();
         let ram = &info.blocks[0].layout;
         let hole_start = ram.pages_offset + ZERO_RUN.start as u64 * PS;

@@ -613,7 +613,7 @@ fn update_refuses_a_layout_that_does_not_match() {
         (
             "length",
             vec![region("pc.ram", short, PS), region("pc.bios", bios, PS)],
-            "is 6291456 bytes in the snapshot but the memory given is 6287360 bytes",
+            "the snapshot holds 6291456 bytes but the memory given has 6287360",
         ),
         (
             "missing block",
@@ -623,7 +623,7 @@ fn update_refuses_a_layout_that_does_not_match() {
         (
             "page size",
             vec![region("pc.ram", ram, 8192)],
-            "page size 4096 in the snapshot but 8192 was given",
+            "the snapshot's page size is 4096 but the memory given has 8192",
         ),
     ];
     for (what, regions, expect) in cases {

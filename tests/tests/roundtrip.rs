@@ -295,7 +295,9 @@ fn restore_errors_leave_memory_untouched() {
     assert!(
         matches!(
             e.kind,
-            mapped_ram_linux::RestoreErrorKind::UnknownBlock { .. }
+            mapped_ram_linux::RestoreErrorKind::Block(
+                mapped_ram_linux::BlockMismatch::Unknown { .. }
+            )
         ),
         "{e}"
     );
@@ -315,11 +317,11 @@ fn restore_errors_leave_memory_untouched() {
     assert!(
         matches!(
             e.kind,
-            mapped_ram_linux::RestoreErrorKind::SizeMismatch {
+            mapped_ram_linux::RestoreErrorKind::Block(mapped_ram_linux::BlockMismatch::Length {
                 file_length: 1048576,
                 region_length: 524288,
                 ..
-            }
+            })
         ),
         "{e}"
     );
