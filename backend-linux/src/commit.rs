@@ -149,9 +149,23 @@ impl Temp {
                 )
                 .ok()
             });
+        // The name must still be ours: in a directory others can write, the temporary may have
+        // been replaced (by a symbolic link, say) since it was created.
+        let replaced = || {
+            std::io::Error::other("the temporary file was replaced by another file during the save")
+        };
+        if !same_file(self.fd.as_fd(), &self.path) {
+            return Err(IoFailure::new(Op::Rename, &self.path, None, replaced()));
+        }
         file::rename(&self.path, target)
             .map_err(|e| IoFailure::new(Op::Rename, target, None, e))?;
         self.committed = true;
+        if !same_file(self.fd.as_fd(), target) {
+            // What was renamed was not our file: take it away rather than leave it as the
+            // snapshot.
+            let _ = std::fs::remove_file(target);
+            return Err(IoFailure::new(Op::Rename, target, None, replaced()));
+        }
         if sync {
             let dir = parent_dir(target);
             file::fsync_dir(&dir).map_err(|e| IoFailure::new(Op::SyncDir, dir, None, e))?;

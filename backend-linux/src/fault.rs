@@ -22,7 +22,7 @@
 use crate::error::Op;
 
 /// What an injected fault does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy)]
 pub enum FaultKind {
     /// The operation fails with this `errno` (e.g. 5 `EIO`, 28 `ENOSPC`, 22 `EINVAL`). The
     /// wrapper treats it like the kernel's answer: `EINTR` (4) is retried, `EAGAIN` (11) is
@@ -33,10 +33,14 @@ pub enum FaultKind {
     Short(usize),
     /// The system call is interrupted (`EINTR`) before it transfers anything.
     Interrupt,
+    /// This function runs just before the system call, which then goes ahead: a deterministic
+    /// point at which a test makes a race happen (rename another snapshot over the path,
+    /// replace a file with a symbolic link, truncate a RAM file).
+    Hook(fn()),
 }
 
 /// One armed fault.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy)]
 pub struct Fault {
     /// The operation it applies to.
     pub op: Op,
@@ -129,11 +133,19 @@ mod imp {
             armed.seen += 1;
             if armed.seen > armed.fault.skip && armed.fired < armed.fault.count {
                 armed.fired += 1;
-                return Some(match armed.fault.kind {
-                    FaultKind::Errno(e) => Injected::Fail(std::io::Error::from_raw_os_error(e)),
-                    FaultKind::Short(n) => Injected::Short(n),
-                    FaultKind::Interrupt => Injected::Interrupt,
-                });
+                return match armed.fault.kind {
+                    FaultKind::Errno(e) => {
+                        Some(Injected::Fail(std::io::Error::from_raw_os_error(e)))
+                    }
+                    FaultKind::Short(n) => Some(Injected::Short(n)),
+                    FaultKind::Interrupt => Some(Injected::Interrupt),
+                    FaultKind::Hook(f) => {
+                        // Run it without the table locked: it may do I/O of its own.
+                        drop(table);
+                        f();
+                        None
+                    }
+                };
             }
         }
         None
