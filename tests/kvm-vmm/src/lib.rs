@@ -10,7 +10,7 @@
 //! The `kvm-vmm` binary runs [`save`] and [`resume`] in separate processes:
 //!
 //! ```text
-//! kvm-vmm save PATH [--mib 128] [--passes 3] [--warmup-ms 200] [--dump FILE]
+//! kvm-vmm save PATH [--mib 128] [--passes 8] [--target-dirty-pages 1024] [--warmup-ms 200] [--dump FILE] [--no-prefill]
 //! kvm-vmm resume PATH --mode copy|lazy [--run-ms 300] [--resnapshot] [--dump FILE]
 //! ```
 //!
@@ -34,6 +34,10 @@ pub fn default_dump(path: &Path) -> PathBuf {
     s.into()
 }
 
+fn count_ones(words: &[u64]) -> u64 {
+    words.iter().map(|w| u64::from(w.count_ones())).sum()
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
@@ -42,27 +46,44 @@ fn pass_json(i: usize, p: &snapshot::Pass) -> Value {
     json!({ "pass": i, "pages": p.pages, "written": p.written, "ms": p.seconds * 1e3 })
 }
 
-/// Live-saves the running guest of `m` to `path` in `passes` passes, stops its vCPU, finishes
-/// with the final dirty log and the registers, and writes the stopped guest's memory to `dump`.
-/// Returns the registers and the measurements.
+/// When a live save stops the guest.
+#[derive(Debug, Clone, Copy)]
+pub struct Converge {
+    /// Most live passes after the first (full) one.
+    pub max_passes: usize,
+    /// Stop the guest once the dirty log holds at most this many pages.
+    pub target_pages: u64,
+}
+
+/// Live-saves the running guest of `m` to `path`: a full pass, then passes of the pages in
+/// the dirty log until the log is small enough or the passes run out; then stops the vCPU,
+/// finishes with the final dirty log and the registers, and writes the stopped guest's memory
+/// to `dump`. Returns the registers and the measurements.
 fn live_save(
     m: &Machine,
     path: &Path,
-    passes: usize,
+    converge: Converge,
     dump: &Path,
     running_since: Instant,
 ) -> Result<(VcpuState, Value), Error> {
     let mut live = snapshot::Live::begin(path, m.ram())?;
-    let mut done = Vec::new();
-    for _ in 0..passes.max(1) {
-        let log = m.dirty_log()?;
-        done.push(live.pass(&log)?);
+    // Fetching the log clears it: fetch before the first pass too (its bitmap is ignored, but
+    // what the guest dirties during that pass must show up in the next log).
+    let mut done = vec![live.pass(&m.dirty_log()?)?];
+    let mut pending = m.dirty_log()?;
+    while done.len() <= converge.max_passes && count_ones(&pending) > converge.target_pages {
+        done.push(live.pass(&pending)?);
+        pending = m.dirty_log()?;
     }
     let kick = Instant::now();
     m.stop()?;
     let stopped = Instant::now();
     let state = m.state()?;
-    let log = m.dirty_log()?;
+    // The last log fetched while running was not passed yet: the final pass takes it too.
+    let mut log = m.dirty_log()?;
+    for (w, p) in log.iter_mut().zip(&pending) {
+        *w |= p;
+    }
     let device_state = state.to_bytes()?;
     let finishing = Instant::now();
     let last = live.finish(&log, &device_state)?;
@@ -96,10 +117,13 @@ pub struct SaveArgs {
     pub mib: u64,
     /// Milliseconds the guest runs before the save starts.
     pub warmup_ms: u64,
-    /// Live passes before the final one.
-    pub passes: usize,
+    /// When to stop the guest.
+    pub converge: Converge,
     /// Where the stopped guest's memory goes.
     pub dump: PathBuf,
+    /// Fill bytes 8.. of every data page with 0xA5 before boot, so that all of RAM holds data
+    /// (as in a guest that has used all its memory) even where the counter was not stored yet.
+    pub prefill: bool,
 }
 
 /// Boots the guest, lets it run, live-saves it to `path` and writes the dump.
@@ -107,6 +131,11 @@ pub fn save(path: &Path, a: &SaveArgs) -> Result<Value, Error> {
     let len = usize::try_from(a.mib << 20)?;
     let mut ram = GuestRam::anonymous(len)?;
     ram.bytes_mut()[..GUEST_CODE.len()].copy_from_slice(&GUEST_CODE);
+    if a.prefill {
+        for page in ram.bytes_mut().chunks_mut(vm::PAGE as usize).skip(1) {
+            page[8..].fill(0xA5);
+        }
+    }
     let mut m = Machine::new(ram)?;
     m.set_state(&m.initial_state()?)?;
     let first = m.start()?;
@@ -115,7 +144,7 @@ pub fn save(path: &Path, a: &SaveArgs) -> Result<Value, Error> {
         .get()
         .copied()
         .ok_or("the vCPU never entered KVM_RUN")?;
-    let (_, mut out) = live_save(&m, path, a.passes, &a.dump, since)?;
+    let (_, mut out) = live_save(&m, path, a.converge, &a.dump, since)?;
     out["mode"] = "save".into();
     out["mib"] = a.mib.into();
     Ok(out)
@@ -141,8 +170,8 @@ pub struct ResumeArgs {
     pub run_ms: u64,
     /// Live-save the running restored guest to the same path (and its dump) afterwards.
     pub resnapshot: bool,
-    /// Live passes of the re-snapshot.
-    pub passes: usize,
+    /// When the re-snapshot stops the guest.
+    pub converge: Converge,
 }
 
 /// Restores the guest saved at `path`, checks its memory against the dump, runs it, stops it
@@ -194,7 +223,7 @@ pub fn resume(path: &Path, a: &ResumeArgs) -> Result<Value, Error> {
     });
     let now = if a.resnapshot {
         // The dump is rewritten by the re-snapshot: `before` holds what (b) needs of the old one.
-        let (now, snap) = live_save(&m, path, a.passes, &a.dump, started)?;
+        let (now, snap) = live_save(&m, path, a.converge, &a.dump, started)?;
         out["resnapshot"] = snap;
         now
     } else {

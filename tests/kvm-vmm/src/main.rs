@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use mapped_ram_kvm_vmm::{default_dump, resume, save, Mode, ResumeArgs, SaveArgs};
+use mapped_ram_kvm_vmm::{default_dump, resume, save, Converge, Mode, ResumeArgs, SaveArgs};
 
 #[derive(Parser)]
 #[command(
@@ -23,6 +23,26 @@ enum ModeArg {
     Lazy,
 }
 
+/// When a live save stops the guest.
+#[derive(clap::Args)]
+struct ConvergeArgs {
+    /// Most live passes after the first (full) one.
+    #[arg(long, default_value_t = 8)]
+    passes: usize,
+    /// Stop the guest once its dirty log holds at most this many pages.
+    #[arg(long, default_value_t = 1024)]
+    target_dirty_pages: u64,
+}
+
+impl ConvergeArgs {
+    fn get(&self) -> Converge {
+        Converge {
+            max_passes: self.passes,
+            target_pages: self.target_dirty_pages,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Boot the guest, let it run, live-save it to PATH, write the stopped guest's memory to the dump.
@@ -34,12 +54,15 @@ enum Cmd {
         /// Milliseconds the guest runs before the save starts.
         #[arg(long, default_value_t = 200)]
         warmup_ms: u64,
-        /// Live passes before the final one.
-        #[arg(long, default_value_t = 3)]
-        passes: usize,
+        #[command(flatten)]
+        converge: ConvergeArgs,
         /// Dump file (default PATH.dump).
         #[arg(long)]
         dump: Option<PathBuf>,
+        /// Leave RAM zero before boot (default: bytes 8.. of every page are 0xA5, so all of
+        /// RAM holds data).
+        #[arg(long)]
+        no_prefill: bool,
     },
     /// Restore the guest saved at PATH, compare it with the dump, run it on, check it carried on.
     Resume {
@@ -55,9 +78,8 @@ enum Cmd {
         /// Live-save the running restored guest to PATH again (and rewrite the dump).
         #[arg(long)]
         resnapshot: bool,
-        /// Live passes of the re-snapshot before the final one.
-        #[arg(long, default_value_t = 3)]
-        passes: usize,
+        #[command(flatten)]
+        converge: ConvergeArgs,
     },
 }
 
@@ -68,8 +90,9 @@ fn main() -> ExitCode {
             path,
             mib,
             warmup_ms,
-            passes,
+            converge,
             dump,
+            no_prefill,
         } => {
             let dump = dump.unwrap_or_else(|| default_dump(&path));
             save(
@@ -77,8 +100,9 @@ fn main() -> ExitCode {
                 &SaveArgs {
                     mib,
                     warmup_ms,
-                    passes,
+                    converge: converge.get(),
                     dump,
+                    prefill: !no_prefill,
                 },
             )
         }
@@ -88,7 +112,7 @@ fn main() -> ExitCode {
             dump,
             run_ms,
             resnapshot,
-            passes,
+            converge,
         } => {
             let dump = dump.unwrap_or_else(|| default_dump(&path));
             let mode = match mode {
@@ -102,7 +126,7 @@ fn main() -> ExitCode {
                     dump,
                     run_ms,
                     resnapshot,
-                    passes,
+                    converge: converge.get(),
                 },
             )
         }

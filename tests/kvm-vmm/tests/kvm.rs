@@ -139,6 +139,8 @@ fn live_save_then_copy_and_lazy_restore_in_new_processes() {
         "--run-ms",
         "100",
         "--resnapshot",
+        "--passes",
+        "3",
     ]);
     check_resume(&chain, "lazy");
     check_save(&chain["resnapshot"]);
