@@ -48,7 +48,7 @@ enum Cmd {
     /// Boot the guest, let it run, live-save it to PATH, write the stopped guest's memory to the dump.
     Save {
         path: PathBuf,
-        /// Guest RAM in MiB (at most 4095).
+        /// Guest RAM in MiB (at most 4076: RAM ends below the APIC window at 0xFEC00000).
         #[arg(long, default_value_t = 128)]
         mib: u64,
         /// Milliseconds the guest runs before the save starts.

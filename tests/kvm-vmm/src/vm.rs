@@ -25,8 +25,11 @@ pub const PAGE: u64 = 4096;
 pub const CODE_GPA: u64 = 0;
 /// First page the guest writes its counter to.
 pub const DATA_START: u64 = PAGE;
-/// Largest guest the real-mode code can address: `ESI` (the end) must fit 32 bits.
-pub const MAX_RAM: u64 = (1 << 32) - PAGE;
+/// Largest guest: RAM ends below the x86 interrupt-controller window (I/O APIC at
+/// `0xFEC0_0000`, local APIC at `0xFEE0_0000`). KVM here turns guest stores to `0xFEE0_0000`
+/// into MMIO exits even inside a memory slot, without an in-kernel irqchip and with the APIC
+/// disabled in `apic_base` (seen with a 4095 MiB guest); a PC keeps that window out of RAM.
+pub const MAX_RAM: u64 = 0xFEC0_0000;
 /// KVM memory slot of guest RAM.
 const SLOT: u32 = 0;
 
