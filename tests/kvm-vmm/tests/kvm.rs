@@ -97,9 +97,9 @@ fn live_save_then_copy_and_lazy_restore_in_new_processes() {
     check_save(&saved);
     assert_eq!(std::fs::metadata(&dump).expect("dump").len(), PAGES * 4096);
 
-    // Copying restore; a short run, so that fewer pages than RAM holds are stored to and the
-    // exact-continuation check sees both rewritten and untouched pages.
-    let copy = vmm_ok(&["resume", p, "--mode", "copy", "--run-ms", "20"]);
+    // Copying restore; a short run, so that usually fewer pages than RAM holds are stored to
+    // and the exact-continuation check sees both rewritten and untouched pages.
+    let copy = vmm_ok(&["resume", p, "--mode", "copy", "--run-ms", "100"]);
     check_resume(&copy, "copy");
     assert_eq!(u(&copy, "saved_counter"), u(&saved, "counter"));
 
@@ -146,7 +146,7 @@ fn live_save_then_copy_and_lazy_restore_in_new_processes() {
     check_save(&chain["resnapshot"]);
     let resnap = u(&chain["resnapshot"], "counter");
     assert!(resnap > u(&saved, "counter"));
-    let again = vmm_ok(&["resume", p, "--mode", "copy", "--run-ms", "20"]);
+    let again = vmm_ok(&["resume", p, "--mode", "copy", "--run-ms", "100"]);
     check_resume(&again, "copy");
     assert_eq!(u(&again, "saved_counter"), resnap);
     assert!(Path::new(&dump).exists());
