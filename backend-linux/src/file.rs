@@ -443,6 +443,7 @@ pub(crate) fn try_lock(fd: BorrowedFd<'_>) -> io::Result<bool> {
 /// Device and inode of an open file (`fstat(2)`).
 pub(crate) fn identity(fd: BorrowedFd<'_>) -> io::Result<(u64, u64)> {
     retrying(Op::Stat, || {
+        #[allow(clippy::unnecessary_cast)]
         rfs::fstat(fd)
             .map(|st| (st.st_dev as u64, st.st_ino as u64))
             .map_err(io_err)

@@ -150,8 +150,8 @@ impl<'m> GuestMemory<'m> {
     /// ([`from_slice`](Self::from_slice)): the engine writes such memory in place.
     pub(crate) fn as_stable_slice(&self) -> Option<&'m [u8]> {
         match self.access {
-            // SAFETY: `Plain` memory was borrowed from a `&'m [u8]` of exactly `len` bytes.
             Access::Plain => {
+                // SAFETY: `Plain` memory was borrowed from a `&'m [u8]` of exactly `len` bytes.
                 Some(unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) })
             }
             _ => None,
@@ -256,21 +256,28 @@ impl<'m> GuestMemory<'m> {
                 let mut out = 0usize;
                 // Byte loads until the source is 8-byte aligned, then words, then bytes.
                 while out < dst.len() && (base as usize + offset + out) % 8 != 0 {
-                    // SAFETY: `offset + out < offset + dst.len() <= len`, inside the region that
-                    // the caller of `from_raw_parts` promised stays mapped and readable.
-                    dst[out] = unsafe { base.add(offset + out).read_volatile() };
+                    // SAFETY: `offset + out < offset + dst.len() <= len`: the address is inside
+                    // the region.
+                    let at = unsafe { base.add(offset + out) };
+                    // SAFETY: `at` is inside the region that the caller of `from_raw_parts`
+                    // promised stays mapped and readable.
+                    dst[out] = unsafe { at.read_volatile() };
                     out += 1;
                 }
                 while dst.len() - out >= 8 {
-                    // SAFETY: as above, 8 bytes inside the region, and the address is 8-byte
-                    // aligned (loop condition above).
-                    let w = unsafe { base.add(offset + out).cast::<u64>().read_volatile() };
+                    // SAFETY: as above, the 8 bytes from here are inside the region.
+                    let at = unsafe { base.add(offset + out) }.cast::<u64>();
+                    // SAFETY: 8 readable bytes inside the region, 8-byte aligned (the loop
+                    // above ends on an aligned address).
+                    let w = unsafe { at.read_volatile() };
                     dst[out..out + 8].copy_from_slice(&w.to_ne_bytes());
                     out += 8;
                 }
                 while out < dst.len() {
+                    // SAFETY: as in the first loop, inside the region.
+                    let at = unsafe { base.add(offset + out) };
                     // SAFETY: as in the first loop.
-                    dst[out] = unsafe { base.add(offset + out).read_volatile() };
+                    dst[out] = unsafe { at.read_volatile() };
                     out += 1;
                 }
             }
@@ -351,9 +358,11 @@ impl PrivateMapping {
         // (checked above to lie inside it and be page aligned); `&mut self` guarantees that no
         // borrow of those bytes exists, and the new pages stay part of this mapping, unmapped
         // with it in `Drop` (munmap of the whole range covers both kinds of pages).
+        let at = self.ptr.as_ptr().wrapping_add(offset);
+        // SAFETY: see above.
         let raw = unsafe {
             mm::mmap_anonymous(
-                self.ptr.as_ptr().add(offset).cast(),
+                at.cast(),
                 len,
                 ProtFlags::READ | ProtFlags::WRITE,
                 MapFlags::PRIVATE | MapFlags::FIXED | MapFlags::NORESERVE,
@@ -489,9 +498,11 @@ pub(crate) mod vm {
         // SAFETY: as in `PrivateMapping::map_zero`: the range lies inside the region's own
         // mapping (checked), which nothing else references (`exclusive_bytes`), and stays part
         // of it — `MmapRegion`'s `munmap` of the whole range on drop covers the new pages.
+        let at = region.as_ptr().wrapping_add(offset);
+        // SAFETY: see above.
         let raw = unsafe {
             rustix::mm::mmap_anonymous(
-                region.as_ptr().add(offset).cast(),
+                at.cast(),
                 len,
                 rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
                 rustix::mm::MapFlags::PRIVATE

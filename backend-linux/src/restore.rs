@@ -326,8 +326,6 @@ fn restore_engine<'o>(
         total,
     };
     let result = executor::execute(opts.channels, &queue, &job, ctl);
-    drop(verifying);
-    drop(files);
     drop(channels);
     let memory_state = || {
         let blocks: Vec<String> = names

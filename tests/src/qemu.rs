@@ -922,18 +922,23 @@ impl Qemu {
             .stdin(Stdio::null())
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(log2));
-        // SAFETY: prctl is async-signal-safe; the closure touches no memory of the parent.
-        unsafe {
-            cmd.pre_exec(|| {
+        let die_with_parent = || {
+            // SAFETY: PR_SET_PDEATHSIG with a valid signal number has no memory effects.
+            unsafe {
                 libc::prctl(
                     libc::PR_SET_PDEATHSIG,
                     libc::SIGKILL as libc::c_ulong,
                     0,
                     0,
                     0,
-                );
-                Ok(())
-            });
+                )
+            };
+            Ok(())
+        };
+        // SAFETY: the closure only calls prctl, which is async-signal-safe, and touches no
+        // memory of the parent.
+        unsafe {
+            cmd.pre_exec(die_with_parent);
         }
         let mut child = cmd
             .spawn()
@@ -1405,8 +1410,9 @@ pub fn fs_type(path: &Path) -> io::Result<i64> {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(path.as_os_str().as_bytes())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    // SAFETY: statfs only writes into the zeroed struct we pass; `c` is a valid C string.
+    // SAFETY: `statfs` is plain old data, for which all-zero bytes are a valid value.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statfs only writes into the struct we pass; `c` is a valid C string.
     let r = unsafe { libc::statfs(c.as_ptr(), &mut st) };
     if r != 0 {
         return Err(io::Error::last_os_error());
