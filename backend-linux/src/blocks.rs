@@ -1,22 +1,13 @@
-//! The one block matcher: which block of a snapshot a region names, checked the same way by
-//! restore, lazy restore, update and verify.
+//! The one block matcher, over the core's [`mapped_ram_core::matching`]: which block of a
+//! snapshot a region names, checked the same way by restore, lazy restore, update and verify,
+//! with errors that name the block.
 
-use mapped_ram_core::layout::BlockLayout;
+use mapped_ram_core::matching::{self, MatchError};
+
+pub(crate) use mapped_ram_core::matching::Wanted;
 
 use crate::error::BlockMismatch;
 use crate::inspect::BlockInfo;
-
-/// What a region asks of a block.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Wanted<'n> {
-    pub name: &'n str,
-    /// Its length in bytes, when the caller has memory of a fixed size.
-    pub length: Option<u64>,
-    /// Its page size, when the caller has one.
-    pub page_size: Option<u64>,
-    /// The block must have a page region in the file (not `x-ignore-shared`).
-    pub needs_pages: bool,
-}
 
 fn names(blocks: &[BlockInfo]) -> String {
     blocks
@@ -28,37 +19,23 @@ fn names(blocks: &[BlockInfo]) -> String {
 
 /// The index of the block `want` names, after checking its length, page size and page region.
 pub(crate) fn find(blocks: &[BlockInfo], want: Wanted<'_>) -> Result<usize, BlockMismatch> {
-    let Some(index) = blocks.iter().position(|b| b.name == want.name) else {
-        return Err(BlockMismatch::Unknown {
-            name: want.name.into(),
-            available: names(blocks),
-        });
-    };
-    let layout: &BlockLayout = &blocks[index].layout;
-    if let Some(length) = want.length {
-        if layout.length != length {
-            return Err(BlockMismatch::Length {
-                name: want.name.into(),
-                file_length: layout.length,
-                region_length: length,
-            });
+    let all = blocks.iter().map(|b| (b.name.as_str(), &b.layout));
+    matching::find(all, &want).map_err(|e| {
+        let name = want.name.to_string();
+        match e {
+            MatchError::Unknown => BlockMismatch::Unknown {
+                name,
+                available: names(blocks),
+            },
+            MatchError::Length { file, region } => BlockMismatch::Length {
+                name,
+                file_length: file,
+                region_length: region,
+            },
+            MatchError::PageSize { file, region } => BlockMismatch::PageSize { name, file, region },
+            MatchError::NoPages => BlockMismatch::NoPages { name },
         }
-    }
-    if let Some(page_size) = want.page_size {
-        if layout.page_size != page_size {
-            return Err(BlockMismatch::PageSize {
-                name: want.name.into(),
-                file: layout.page_size,
-                region: page_size,
-            });
-        }
-    }
-    if want.needs_pages && layout.is_empty() && layout.length > 0 {
-        return Err(BlockMismatch::NoPages {
-            name: want.name.into(),
-        });
-    }
-    Ok(index)
+    })
 }
 
 /// Matches every region to its block; returns the block indices in region order.

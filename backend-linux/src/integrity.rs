@@ -65,21 +65,16 @@
 use std::os::fd::BorrowedFd;
 use std::path::Path;
 
-use mapped_ram_core::layout::{BlockLayout, HEADER_SIZE};
+use mapped_ram_core::integrity::{Found, MetadataRanges, RECORD_BYTES};
+use mapped_ram_core::layout::BlockLayout;
 
 use crate::error::{FormatError, IoFailure, Op};
 use crate::file;
 
-/// First 8 bytes of an integrity [`Record`].
-pub const MAGIC: [u8; 8] = *b"MRAMSUMS";
-/// The layout version described in the module docs.
-pub const VERSION: u32 = 1;
-/// Algorithm id of CRC-32C (Castagnoli).
-pub const ALGORITHM_CRC32C: u32 = 1;
-/// Size of an integrity [`Record`] (anchor and footer) in bytes.
-pub const RECORD_LEN: u64 = 64;
-/// Bytes per page checksum in the table.
-pub const ENTRY_LEN: u64 = 4;
+pub use mapped_ram_core::integrity::{
+    anchor_offset, table_len, Record, ALGORITHM_CRC32C, ENTRY_LEN, FLAG_CLEAN_ZERO, MAGIC,
+    RECORD_LEN, VERSION,
+};
 
 /// The checksum of one stored page: CRC-32C over its bytes followed by its index within the
 /// block as a little-endian `u64`.
@@ -87,84 +82,16 @@ pub fn page_checksum(page: &[u8], index: u64) -> u32 {
     crc32c::crc32c_append(crc32c::crc32c(page), &index.to_le_bytes())
 }
 
-/// The anchor and footer record (see the module docs for its bytes).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Record {
-    /// Absolute offset of the checksum table.
-    pub table_offset: u64,
-    /// Length of the checksum table in bytes.
-    pub table_len: u64,
-    /// Size of the whole file.
-    pub file_size: u64,
-    /// Page size of the blocks.
-    pub page_size: u32,
-    /// Number of block records.
-    pub blocks: u32,
-    /// CRC-32C of the metadata ranges.
-    pub metadata_crc: u32,
-    /// CRC-32C of the checksum table.
-    pub table_crc: u32,
+/// A record's 64 bytes, sealed with their CRC-32C.
+pub fn encode(record: &Record) -> [u8; RECORD_BYTES] {
+    let mut b = record.encode_without_crc();
+    let crc = crc32c::crc32c(Record::crc_input(&b));
+    Record::seal(&mut b, crc);
+    b
 }
 
-/// What was found where a record should be.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Found {
-    /// No magic: no record here.
-    Absent,
-    /// The magic, but a bad CRC, version or algorithm.
-    Damaged(&'static str),
-    /// A good record.
-    Valid(Record),
-}
-
-impl Record {
-    /// The 64 bytes of the record.
-    pub fn encode(&self) -> [u8; RECORD_LEN as usize] {
-        let mut b = [0u8; RECORD_LEN as usize];
-        b[0..8].copy_from_slice(&MAGIC);
-        b[8..12].copy_from_slice(&VERSION.to_le_bytes());
-        b[12..16].copy_from_slice(&ALGORITHM_CRC32C.to_le_bytes());
-        b[16..24].copy_from_slice(&self.table_offset.to_le_bytes());
-        b[24..32].copy_from_slice(&self.table_len.to_le_bytes());
-        b[32..40].copy_from_slice(&self.file_size.to_le_bytes());
-        b[40..44].copy_from_slice(&self.page_size.to_le_bytes());
-        b[44..48].copy_from_slice(&self.blocks.to_le_bytes());
-        b[48..52].copy_from_slice(&self.metadata_crc.to_le_bytes());
-        b[52..56].copy_from_slice(&self.table_crc.to_le_bytes());
-        let crc = crc32c::crc32c(&b[..60]);
-        b[60..64].copy_from_slice(&crc.to_le_bytes());
-        b
-    }
-
-    fn decode(b: &[u8; RECORD_LEN as usize]) -> Found {
-        if b[0..8] != MAGIC {
-            return Found::Absent;
-        }
-        let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
-        let u64_at = |i: usize| {
-            let mut w = [0u8; 8];
-            w.copy_from_slice(&b[i..i + 8]);
-            u64::from_le_bytes(w)
-        };
-        if crc32c::crc32c(&b[..60]) != u32_at(60) {
-            return Found::Damaged("its CRC does not match");
-        }
-        if u32_at(8) != VERSION {
-            return Found::Damaged("unknown version");
-        }
-        if u32_at(12) != ALGORITHM_CRC32C {
-            return Found::Damaged("unknown checksum algorithm");
-        }
-        Found::Valid(Record {
-            table_offset: u64_at(16),
-            table_len: u64_at(24),
-            file_size: u64_at(32),
-            page_size: u32_at(40),
-            blocks: u32_at(44),
-            metadata_crc: u32_at(48),
-            table_crc: u32_at(52),
-        })
-    }
+fn decode(b: &[u8; RECORD_BYTES]) -> Found {
+    Record::decode(b, crc32c::crc32c(Record::crc_input(b)))
 }
 
 /// Where a file's integrity records and table are, as found and checked by [`crate::inspect()`].
@@ -178,26 +105,6 @@ pub struct Integrity {
     pub record: Record,
 }
 
-/// Where the anchor of a file with these blocks goes: the end of the bitmap of the first block
-/// with data whose padding before `pages_offset` holds [`RECORD_LEN`] bytes.
-pub fn anchor_offset(layouts: &[BlockLayout]) -> Option<u64> {
-    layouts.iter().filter(|l| !l.is_empty()).find_map(|l| {
-        let end = l.bitmap_offset.checked_add(l.bitmap_size)?;
-        (l.pages_offset.checked_sub(end)? >= RECORD_LEN).then_some(end)
-    })
-}
-
-/// Length of the checksum table for these blocks: [`ENTRY_LEN`] per page of every block with
-/// data in the file; `None` on overflow.
-pub fn table_len(layouts: &[BlockLayout]) -> Option<u64> {
-    layouts
-        .iter()
-        .filter(|l| !l.is_empty())
-        .try_fold(0u64, |acc, l| {
-            acc.checked_add(l.num_pages().checked_mul(ENTRY_LEN)?)
-        })
-}
-
 /// The metadata ranges of a file, in checksum order (see the module docs).
 pub(crate) fn metadata_ranges(
     stream_start: u64,
@@ -206,21 +113,15 @@ pub(crate) fn metadata_ranges(
     device_stream_start: u64,
     table_offset: u64,
 ) -> Vec<(u64, u64)> {
-    let mut ranges = vec![(stream_start, first_record)];
-    for l in layouts {
-        ranges.push((
-            l.record_offset,
-            l.header_offset.saturating_add(HEADER_SIZE as u64),
-        ));
-        if !l.is_empty() {
-            ranges.push((
-                l.bitmap_offset,
-                l.bitmap_offset.saturating_add(l.bitmap_size),
-            ));
-        }
-    }
-    ranges.push((device_stream_start, table_offset));
-    ranges
+    MetadataRanges::new(
+        stream_start,
+        first_record,
+        layouts,
+        device_stream_start,
+        table_offset,
+    )
+    .map(|r| (r.start, r.end))
+    .collect()
 }
 
 fn integrity_error(path: &Path, offset: u64, message: String) -> FormatError {
@@ -253,10 +154,10 @@ pub(crate) fn crc_of_ranges(
 }
 
 fn read_record(fd: BorrowedFd<'_>, path: &Path, at: u64) -> Result<Found, FormatError> {
-    let mut b = [0u8; RECORD_LEN as usize];
+    let mut b = [0u8; RECORD_BYTES];
     file::read_exact_at(fd, &mut b, at)
         .map_err(|e| IoFailure::new(Op::ReadStream, path, Some(at), e))?;
-    Ok(Record::decode(&b))
+    Ok(decode(&b))
 }
 
 /// What [`locate`] needs to know about a validated stream.
@@ -486,8 +387,9 @@ pub(crate) fn write(
         blocks: u32::try_from(layouts.len()).unwrap_or(u32::MAX),
         metadata_crc,
         table_crc,
-    }
-    .encode();
+        flags: 0,
+    };
+    let record = encode(&record);
     let footer = place.file_size - RECORD_LEN;
     for offset in [place.anchor_offset, footer] {
         file::write_all_at(fd, &record, offset, Op::WriteChecksums).map_err(io(offset))?;
@@ -552,28 +454,21 @@ mod tests {
             file_size: 0x1234_5678 + 4096 + 64,
             page_size: 4096,
             blocks: 2,
-            metadata_crc: 0xdead_beef,
-            table_crc: 7,
+            metadata_crc: 1,
+            table_crc: 2,
+            flags: 0,
         };
-        let b = r.encode();
-        assert_eq!(Record::decode(&b), Found::Valid(r));
-        for bit in 0..(60 * 8) {
-            let mut d = b;
-            d[bit / 8] ^= 1 << (bit % 8);
-            let found = Record::decode(&d);
-            if bit < 64 {
-                assert_eq!(found, Found::Absent, "bit {bit}");
-            } else {
-                assert!(matches!(found, Found::Damaged(_)), "bit {bit}");
-            }
-        }
-        assert_eq!(Record::decode(&[0u8; 64]), Found::Absent);
+        let mut b = encode(&r);
+        assert_eq!(decode(&b), Found::Valid(r));
+        b[17] ^= 0x40;
+        assert!(matches!(decode(&b), Found::Damaged(_)));
+        b[0] = 0;
+        assert_eq!(decode(&b), Found::Absent);
     }
 
     #[test]
     fn page_checksum_depends_on_index() {
-        let page = vec![0xabu8; 4096];
+        let page = [7u8; 4096];
         assert_ne!(page_checksum(&page, 0), page_checksum(&page, 1));
-        assert_eq!(page_checksum(&page, 5), page_checksum(&page, 5));
     }
 }

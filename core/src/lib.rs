@@ -8,6 +8,9 @@
 //! * [`stream`] — the QEMU migration stream framing around RAM (encoder and decoder).
 //! * [`bitmap`] — the per-block page bitmap in the file's little-endian word layout.
 //! * [`schedule`] — turning pages into large, aligned I/O extents and sharing them among channels.
+//! * [`integrity`] — this project's checksum records (anchor, table, footer, metadata ranges),
+//!   kept where QEMU's loader does not look.
+//! * [`matching`] — which block of a snapshot a region of guest memory names.
 //!
 //! The crate is `#![no_std]`, needs no allocator, contains no `unsafe` code and is written so
 //! that no input can make it panic, overflow or index out of bounds (checked by clippy's
@@ -30,6 +33,8 @@
 
 pub mod bitmap;
 pub mod caps;
+pub mod integrity;
 pub mod layout;
+pub mod matching;
 pub mod schedule;
 pub mod stream;

@@ -2,9 +2,10 @@
 //! `fuzz_targets/` and by the corpus replay test below, so `cargo test` re-runs every input in
 //! `corpus/` (seeds and anything a fuzzing run found) on the stable toolchain.
 //!
-//! Run a target with `cargo +nightly fuzz run layout` (or `stream`, `schedule`, `caps`).
+//! Run a target with `cargo +nightly fuzz run layout` (or `stream`, `schedule`, `caps`, `integrity`).
 
 pub mod caps;
+pub mod integrity;
 pub mod layout;
 pub mod schedule;
 pub mod stream;
@@ -15,6 +16,7 @@ pub type Harness = fn(&[u8]);
 /// The targets and their harness functions.
 pub const TARGETS: &[(&str, Harness)] = &[
     ("caps", caps::run),
+    ("integrity", integrity::run),
     ("layout", layout::run),
     ("schedule", schedule::run),
     ("stream", stream::run),
