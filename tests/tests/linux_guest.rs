@@ -22,9 +22,9 @@
 //!      these bytes in every block.
 //! 2. `mapped-ram inspect --json` must describe the file as QEMU reports the guest (machine,
 //!    capabilities, RAM section id — 2 for pc, 1 for q35, see `Shape` —, blocks in
-//!    `x-query-ramblock` order and sizes); `verify` (structure, and with `--ram` every block
-//!    against the ground truth) must pass; `restore` of **every** block must give the ground
-//!    truth byte for byte.
+//!    `x-query-ramblock` order and sizes); `verify` (structure, and with `--ram` the blocks
+//!    against the ground truth: every block of the multifd file, all but `mem` of the others)
+//!    must pass; `restore` of **every** block must give the ground truth byte for byte.
 //! 3. `mapped-ram save` re-writes all blocks from the restored RAM files with QEMU's device
 //!    state (`inspect --device-state-out`) and the same machine type, with the variant's
 //!    options (`--channels 4 --direct-io on`, `--offset`); a fresh QEMU (`-incoming defer`,
@@ -413,19 +413,27 @@ fn check_qemu_file(
         "{what}: device state starts with SECTION_FULL"
     );
 
-    // Structure, then every block against the ground truth.
+    // Structure, then the blocks against the ground truth: all of them for the multifd file,
+    // all but `mem` for the others (the debug build compares 512 MiB in about 4 s of CPU; the
+    // restore below checks `mem` of every file).
     cli(
         env,
         &["verify".into(), s(file), "--offset".into(), off.clone()],
     );
     let mut args = vec!["verify".into(), s(file), "--offset".into(), off.clone()];
-    for (name, path) in &truth.files {
+    let compared: Vec<&(String, PathBuf)> = truth
+        .files
+        .iter()
+        .filter(|(name, _)| v == Variant::Multifd || name != MAIN_RAM_BLOCK)
+        .collect();
+    for (name, path) in &compared {
         args.extend(ram_arg(name, path));
     }
     let r = cli(env, &args);
+    let names: Vec<&str> = compared.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(
-        r["blocks_compared"].as_array().map(Vec::len),
-        Some(truth.files.len()),
+        r["blocks_compared"],
+        json!(names),
         "{what}: verify --ram compared {r}"
     );
 
@@ -509,9 +517,11 @@ fn resume(
     for t in &ticks {
         assert_eq!(t.sum, boot_sum, "{what}: tmpfs checksum changed: {ticks:?}");
     }
+    // Increasing (not necessarily consecutive: a kernel message printed into the middle of a
+    // tick line makes that line unreadable).
     assert!(
-        ticks.windows(2).all(|w| w[1].n == w[0].n + 1),
-        "{what}: counters not consecutive: {ticks:?}"
+        ticks.windows(2).all(|w| w[1].n > w[0].n),
+        "{what}: counters not increasing: {ticks:?}"
     );
     q.quit().unwrap_or_else(|e| panic!("{e}"));
     (load_s, first)
@@ -635,7 +645,13 @@ fn guest_round_trips(shape: Shape) {
         if v == Variant::Multifd {
             let older = plain_file.as_ref().expect("plain file");
             let upd = dir.join("updated.mig");
-            fs::copy(older, &upd).unwrap();
+            // A sparse copy: QEMU's file is 0.5 GiB long but holds about 70 MiB of data.
+            let st = Command::new("cp")
+                .arg("--sparse=always")
+                .args([older, &upd])
+                .status()
+                .expect("running cp");
+            assert!(st.success(), "cp {} failed", older.display());
             let t = Instant::now();
             let mut args = vec!["save".into(), "--update".into(), "-o".into(), s(&upd)];
             args.extend(["--device-state".into(), s(&ds)]);
