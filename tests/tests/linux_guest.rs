@@ -56,6 +56,7 @@ use mapped_ram_tests::support::{cannot_run, cli_binary};
 use serde_json::{json, Value};
 use std::fmt::Write as _;
 use std::fs;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
@@ -340,7 +341,7 @@ fn capture_truth(src: &mut Qemu, src_ram: &ShmFile, dir: &Path) -> Truth {
 }
 
 /// Checks QEMU's file with `inspect`, `verify` and `restore` of every block; returns the
-/// restored files and the device state file.
+/// restored files, the device state file and the number of RAM PART sections.
 #[allow(clippy::too_many_arguments)]
 fn check_qemu_file(
     env: &Env,
@@ -351,7 +352,7 @@ fn check_qemu_file(
     v: Variant,
     truth: &Truth,
     dir: &Path,
-) -> (Vec<(String, PathBuf)>, PathBuf) {
+) -> (Vec<(String, PathBuf)>, PathBuf, usize) {
     let off = v.offset().unwrap_or(0).to_string();
     let ds = dir.join("device-state.bin");
     let info = cli(
@@ -412,6 +413,26 @@ fn check_qemu_file(
         Some(&0x04),
         "{what}: device state starts with SECTION_FULL"
     );
+    // Between the last block's pages and the device state: the setup EOS, one RAM PART section
+    // (`02 id, be64 0x10, 7e id`) per iteration of the live migration, SWITCHOVER_START, RAM
+    // END. Our reader must have walked over all of them to find the device state.
+    let start = info["device_stream_start"].as_u64().unwrap() as usize;
+    let end = info["device_state_offset"].as_u64().unwrap() as usize;
+    let mut stream = vec![0u8; end - start];
+    fs::File::open(file)
+        .and_then(|f| f.read_exact_at(&mut stream, start as u64))
+        .expect("reading QEMU's file");
+    let sid = (shape.ram_section_id() as u32).to_be_bytes();
+    let mut part = vec![0x02];
+    part.extend(sid);
+    part.extend(0x10u64.to_be_bytes());
+    part.push(0x7e);
+    part.extend(sid);
+    let parts = stream
+        .windows(part.len())
+        .filter(|w| *w == part.as_slice())
+        .count();
+    assert!(parts >= 1, "{what}: no RAM PART section");
 
     // Structure, then the blocks against the ground truth: all of them for the multifd file,
     // all but `mem` for the others (the debug build compares 512 MiB in about 4 s of CPU; the
@@ -456,7 +477,7 @@ fn check_qemu_file(
         let got = fs::read(p).expect("restored file");
         assert_same(&format!("{what}: restored {}", b.name), data, &got);
     }
-    (restored, ds)
+    (restored, ds, parts)
 }
 
 /// Loads `file` into a fresh QEMU with the options of `v`, checks that every block holds the
@@ -582,7 +603,7 @@ fn guest_round_trips(shape: Shape) {
 
         // 2. Our tool reads QEMU's file.
         let t = Instant::now();
-        let (restored, ds) = check_qemu_file(
+        let (restored, ds, parts) = check_qemu_file(
             &env,
             shape,
             &what,
@@ -630,7 +651,7 @@ fn guest_round_trips(shape: Shape) {
         );
         let _ = writeln!(
             report,
-            "{what}: QEMU migration {mig_s:.2} s (downtime {} ms, total-time {} ms, setup {} ms, {} MiB transferred); \
+            "{what}: QEMU migration {mig_s:.2} s (downtime {} ms, total-time {} ms, setup {} ms, {} MiB transferred, {parts} RAM PART sections); \
              inspect+verify+restore {check_s:.2} s; our save {save_s:.2} s; QEMU load of ours {load_s:.2} s; \
              tick {} before, {} after",
             qm["downtime"],
