@@ -10,9 +10,10 @@
 //!   `busybox`. The files the tests use are [`GuestAssets::vmlinux`] and
 //!   [`GuestAssets::busybox`].
 //! * **Boot**: `-kernel vmlinux` boots through the PVH ELF note (`XEN_ELFNOTE_PHYS32_ENTRY`),
-//!   which skips the firmware's real-mode kernel loading and the in-guest decompression:
-//!   about 5.5 s to the first tick under TCG on the 2-core dev machine, where `-kernel
-//!   vmlinuz` (bzImage, decompressed by the guest under TCG) takes longer.
+//!   which skips the firmware's real-mode kernel loading and the in-guest decompression.
+//!   Measured on the 2-core dev machine (pc, TCG, to the first tick): 5.5 s idle; with other
+//!   jobs running, 8.3 s against 12.1 s for `-kernel vmlinuz` (the bzImage, decompressed by
+//!   the guest under TCG).
 //! * **Initramfs** ([`write_initramfs`]): a `newc` cpio archive built at test time holding
 //!   `/bin/busybox`, `/dev/console` and [`INIT_SCRIPT`]: it fills an 8 MiB file in a tmpfs
 //!   with random bytes and then prints `MRTICK <counter> <md5 of that file>` on the serial
