@@ -14,6 +14,7 @@
 //!   -machine none,memory-backend=mem            # MachineKind::None
 //!   -machine microvm,acpi=off,memory-backend=mem  # MachineKind::Microvm
 //!   -machine pc,memory-backend=mem              # MachineKind::Pc
+//!   -machine q35,memory-backend=mem             # MachineKind::Q35
 //!   -qmp unix:<tmpdir>/qmp.sock,server=on,wait=off  [-incoming defer]
 //! ```
 //!
@@ -23,6 +24,8 @@
 //!   file, and after the load the file holds the loaded RAM.
 //! * The guest never runs (`-S`), so the accelerator does not matter; TCG is the default
 //!   ([`Accel::Tcg`]); `Accel::Auto`/`Kvm` also work (verified with KVM on the dev machine).
+//!   (`tests/tests/linux_guest.rs` does run a guest: it sends `cont` after the start, see
+//!   [`crate::guest`].)
 //! * stdout+stderr go to `<tmpdir>/qemu.log`; its tail is part of every [`HarnessError`].
 //! * The child is SIGKILLed on drop of [`Qemu`] and gets `PR_SET_PDEATHSIG=SIGKILL`.
 //!   (QEMU's own `-run-with exit-with-parent=on` is **not** available in Debian's 10.0.2
@@ -234,7 +237,7 @@ pub fn qemu_version() -> Option<QemuVersion> {
 }
 
 /// Why QEMU-based tests cannot run here, or `None` if they can.
-fn unavailable_reason() -> Option<String> {
+pub fn unavailable_reason() -> Option<String> {
     match qemu_version() {
         None => {
             return Some(format!(
@@ -595,6 +598,8 @@ pub enum MachineKind {
     /// `-machine pc,memory-backend=mem` (i440fx): `mem`, `pc.bios` (256 KiB), `pc.rom` and
     /// the fw_cfg ROM blobs (ACPI tables, table-loader, rsdp).
     Pc,
+    /// `-machine q35,memory-backend=mem`: the same six blocks as [`MachineKind::Pc`].
+    Q35,
 }
 
 impl MachineKind {
@@ -604,16 +609,19 @@ impl MachineKind {
             MachineKind::None => format!("none,memory-backend={MEMORY_BACKEND_ID}"),
             MachineKind::Microvm => format!("microvm,acpi=off,memory-backend={MEMORY_BACKEND_ID}"),
             MachineKind::Pc => format!("pc,memory-backend={MEMORY_BACKEND_ID}"),
+            MachineKind::Q35 => format!("q35,memory-backend={MEMORY_BACKEND_ID}"),
         }
     }
 
     /// The machine type name QEMU writes into the file's configuration section
-    /// (`pc` resolves to `pc-i440fx-<major>.<minor>` of the running QEMU).
+    /// (`pc` resolves to `pc-i440fx-<major>.<minor>` of the running QEMU, `q35` to
+    /// `pc-q35-<major>.<minor>`).
     pub fn file_machine_name(self, version: &QemuVersion) -> String {
         match self {
             MachineKind::None => "none".into(),
             MachineKind::Microvm => "microvm".into(),
             MachineKind::Pc => format!("pc-i440fx-{}.{}", version.major, version.minor),
+            MachineKind::Q35 => format!("pc-q35-{}.{}", version.major, version.minor),
         }
     }
 }
@@ -1192,6 +1200,11 @@ impl Qemu {
         }
     }
 
+    /// `Some(status)` once the QEMU process has exited (reaped), `None` while it runs.
+    pub fn exit_status(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
     /// Kills QEMU (SIGKILL) and reaps it. Idempotent.
     pub fn kill(&mut self) {
         if let Ok(None) = self.child.try_wait() {
@@ -1504,6 +1517,7 @@ mod tests {
         .unwrap();
         assert_eq!((v.major, v.minor, v.micro), (10, 0, 2));
         assert_eq!(MachineKind::Pc.file_machine_name(&v), "pc-i440fx-10.0");
+        assert_eq!(MachineKind::Q35.file_machine_name(&v), "pc-q35-10.0");
         assert_eq!(
             file_uri(Path::new("/a/b"), Some(4096)),
             "file:/a/b,offset=4096"

@@ -22,3 +22,23 @@ impl Rng {
         self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
     }
 }
+
+/// Environment variable listing the tests allowed to skip when a prerequisite is missing:
+/// comma-separated test names (e.g. `linux_guest`) or `all`.
+pub const ALLOW_SKIP_ENV: &str = "MAPPED_RAM_ALLOW_SKIP";
+
+/// True if `$MAPPED_RAM_ALLOW_SKIP` names `test` (or is `all`).
+pub fn skip_allowed(test: &str) -> bool {
+    std::env::var(ALLOW_SKIP_ENV)
+        .map(|v| v.split(',').map(str::trim).any(|t| t == test || t == "all"))
+        .unwrap_or(false)
+}
+
+/// A test that cannot run because `why`: panics (the test fails) unless
+/// `MAPPED_RAM_ALLOW_SKIP` names `test`; then prints a loud `SKIPPED` line and returns.
+pub fn cannot_run(test: &str, why: &str) {
+    if !skip_allowed(test) {
+        panic!("{test} cannot run: {why} (set {ALLOW_SKIP_ENV}={test} to skip it)");
+    }
+    eprintln!("SKIPPED ({test}, allowed by {ALLOW_SKIP_ENV}): {why}");
+}
