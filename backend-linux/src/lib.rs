@@ -37,8 +37,6 @@
 #![deny(missing_docs)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 
-#[cfg(feature = "cli")]
-pub mod cli;
 pub mod error;
 pub mod fault;
 pub mod file;
@@ -50,6 +48,7 @@ pub mod mem;
 pub mod progress;
 pub mod restore;
 pub mod save;
+pub mod synthetic;
 pub mod sys;
 pub mod update;
 pub mod verify;
@@ -61,13 +60,18 @@ pub use error::{
     FormatError, GuestMemoryState, IoFailure, Op, RestoreError, RestoreErrorKind, SaveError,
 };
 pub use file::DirectIo;
-pub use inspect::{inspect, read_device_state, BlockInfo, SnapshotInfo};
+pub use inspect::{
+    inspect, read_device_state, BlockInfo, DeviceStateReader, SnapshotInfo, MAX_BLOCKS,
+};
 pub use lazy::{restore_lazy, LazyBlock, LazyOptions, LazyReport, LazyRestore};
 pub use live::{LiveOptions, LiveRegion, LiveReport, LiveSave, PassReport};
 pub use mem::{GuestMemory, PrivateMapping};
 pub use progress::{Cancel, Progress};
 pub use restore::{restore, restore_from_fds, RestoreOptions, RestoreRegion, RestoreReport};
-pub use save::{save, save_to_fds, SaveOptions, SaveRegion, SaveReport, ZeroPages};
+pub use save::{
+    default_channels, save, save_to_fds, SaveOptions, SaveRegion, SaveReport, ZeroPages,
+};
+pub use synthetic::synthetic_image;
 pub use sys::MappedFile;
 pub use update::{update, Changes, CopyMode, UpdateError, UpdateOptions, UpdateReport};
 pub use verify::{verify, CorruptPage, Mismatch, VerifyReport};

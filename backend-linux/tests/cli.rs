@@ -31,7 +31,7 @@ fn run(cmd: &mut Command) -> (i32, String, String) {
 
 fn image(len: usize, seed: u64) -> Vec<u8> {
     let mut v = vec![0u8; len];
-    mapped_ram_linux::cli::synthetic_image(&mut v, 4096, seed);
+    mapped_ram_linux::synthetic_image(&mut v, 4096, seed);
     v
 }
 
@@ -209,7 +209,7 @@ fn unwritable_target_keeps_nothing() {
     assert_eq!(code, 1);
     assert_error_line(&err, &["open", "no-such-dir"]);
 
-    // A target that is a directory: the rename fails and the directory is left alone.
+    // A target that is a directory: refused before anything is written, and left alone.
     let target = dir.join("a-directory");
     std::fs::create_dir(&target).unwrap();
     std::fs::write(target.join("keep"), b"x").unwrap();
@@ -220,7 +220,7 @@ fn unwritable_target_keeps_nothing() {
         .arg("-o")
         .arg(&target));
     assert_eq!(code, 1);
-    assert_error_line(&err, &["rename", "a-directory"]);
+    assert_error_line(&err, &["is a directory", "a-directory"]);
     assert_eq!(std::fs::read(target.join("keep")).unwrap(), b"x");
     let leftovers: Vec<_> = std::fs::read_dir(&dir)
         .unwrap()
