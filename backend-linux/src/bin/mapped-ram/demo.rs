@@ -11,9 +11,10 @@ use mapped_ram_linux::{
 
 use crate::args::DemoArgs;
 use crate::output::{restore_json, save_json, CliError};
+use crate::signals::Interrupts;
 
 /// Runs `demo`.
-pub fn cmd_demo(a: DemoArgs, json: bool) -> Result<Value, CliError> {
+pub fn cmd_demo(a: DemoArgs, json: bool, sig: &Interrupts) -> Result<Value, CliError> {
     let ps = 4096u64;
     let size = a.size.div_ceil(ps) * ps;
     if size == 0 {
@@ -36,9 +37,12 @@ pub fn cmd_demo(a: DemoArgs, json: bool) -> Result<Value, CliError> {
     synthetic_image(&mut ram, ps as usize, 0x5eed);
     say(format!("  built in {:.2} s", t.elapsed().as_secs_f64()));
     let channels = a.channels.unwrap_or_else(default_channels);
+    // Signals cancel the save and the restore; the snapshot is removed either way.
+    let armed = sig.arm();
     let sopts = SaveOptions {
         channels,
         direct_io: a.direct_io,
+        cancel: Some(armed.cancel()),
         ..SaveOptions::default()
     };
     let result = (|| -> Result<Value, CliError> {
@@ -65,6 +69,7 @@ pub fn cmd_demo(a: DemoArgs, json: bool) -> Result<Value, CliError> {
             channels,
             direct_io: a.direct_io,
             memory_is_zeroed: true,
+            cancel: Some(armed.cancel()),
             ..RestoreOptions::default()
         };
         let r = restore(
@@ -108,10 +113,14 @@ pub fn cmd_demo(a: DemoArgs, json: bool) -> Result<Value, CliError> {
             "verified": true,
         }))
     })();
+    drop(armed);
     if !a.keep {
         let _ = std::fs::remove_file(&path);
     }
-    result
+    match (result, sig.received()) {
+        (Err(e), Some(signal)) => Err(sig.cancelled(signal, "demo", e.message)),
+        (r, _) => r,
+    }
 }
 
 /// The demo holds the image and the restored copy in memory: refuse a size whose two copies

@@ -43,7 +43,7 @@ fn run() -> i32 {
         Command::Restore(a) => restore::cmd_restore(a, json, &sig),
         Command::Inspect(a) => inspect::cmd_inspect(a, json),
         Command::Verify(a) => verify::cmd_verify(a, json),
-        Command::Demo(a) => demo::cmd_demo(a, json),
+        Command::Demo(a) => demo::cmd_demo(a, json, &sig),
     });
     finish(result, json)
 }
