@@ -1104,3 +1104,49 @@ fn offsets_and_device_state_are_bounded() {
     }
     eprintln!("offsets and device state: {cases} cases");
 }
+
+/// Class 12, inputs that never end: a FIFO (no writer) or a device as a RAM file to save or
+/// verify, or as the snapshot to inspect, verify or restore, is refused at once instead of
+/// blocking in `open` or reading forever.
+#[test]
+fn fifos_and_devices_are_refused_as_inputs() {
+    let dir = scratch("fifo-inputs");
+    let img = image(64 << 10, 18);
+    let snap = save_file(&dir, &[("pc.ram", &img)]);
+    let fifo = dir.join("in.fifo");
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        &fifo,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o600),
+        0,
+    )
+    .unwrap();
+    let dest = dir.join("dest.ram");
+    let mut cases = 0;
+    for (node, needle) in [
+        (fifo.as_path(), "a FIFO"),
+        (Path::new("/dev/zero"), "a character device"),
+    ] {
+        let ram = format!("pc.ram={}", node.display());
+        let dest_arg = format!("pc.ram={}", dest.display());
+        let s = snap.display().to_string();
+        let n = node.display().to_string();
+        for args in [
+            vec!["save", "--ram", &ram, "-o", "/nonexistent-dir/x.mr"],
+            vec!["verify", &s, "--ram", &ram],
+            vec!["inspect", &n],
+            vec!["verify", &n],
+            vec!["restore", &n, "--ram", &dest_arg],
+        ] {
+            let t = std::time::Instant::now();
+            let (code, _, err) = run_within(bin().args(&args), 60);
+            assert_eq!(code, 1, "{args:?}: {err}");
+            assert_error_line(&err, &[&n, needle, "not a regular file"]);
+            assert!(t.elapsed().as_secs() < 10, "{args:?}");
+            assert!(!dest.exists());
+            cases += 1;
+        }
+    }
+    eprintln!("FIFO and device inputs: {cases} cases");
+}

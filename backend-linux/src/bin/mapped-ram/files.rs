@@ -81,6 +81,20 @@ pub fn identity(path: &Path, what: &str) -> Result<Identity, CliError> {
     }
 }
 
+/// Refuses an existing `path` that is not a regular file (through symlinks): a FIFO would
+/// block the open or the read forever, a device has no size to map. A missing file is left to
+/// the open that follows, which names it.
+pub fn require_regular(path: &Path, what: &str) -> Result<(), CliError> {
+    match std::fs::metadata(path) {
+        Ok(m) if !m.file_type().is_file() => Err(CliError::new(format!(
+            "{what} {} is {}, not a regular file",
+            path.display(),
+            kind(&m)
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// The identity of an open file.
 pub fn identity_of(file: &File, path: &Path, what: &str) -> Result<Identity, CliError> {
     let m = file

@@ -8,11 +8,12 @@ use std::io::{Read, Write};
 use std::path::Path;
 
 use crate::args::InspectArgs;
-use crate::files::{create_private, identity};
+use crate::files::{create_private, identity, require_regular};
 use crate::output::{info_json, CliError};
 
 /// Runs `inspect`.
 pub fn cmd_inspect(a: InspectArgs, json: bool) -> Result<Value, CliError> {
+    require_regular(&a.file, "snapshot")?;
     let info = inspect(&a.file, a.offset)?;
     if let Some(out) = &a.device_state_out {
         // Truncating the output must never truncate the snapshot itself.

@@ -11,7 +11,7 @@ use mapped_ram_linux::{
 };
 
 use crate::args::RestoreArgs;
-use crate::files::{identity, identity_of, open_or_create_private, Identity};
+use crate::files::{identity, identity_of, open_or_create_private, require_regular, Identity};
 use crate::output::{progress_bar, restore_json, CliError};
 use crate::save::check_block_names;
 use crate::signals::Interrupts;
@@ -46,6 +46,7 @@ fn check_distinct<'a>(
 /// Runs `restore`.
 pub fn cmd_restore(a: RestoreArgs, json: bool, sig: &Interrupts) -> Result<Value, CliError> {
     check_block_names(&a.ram)?;
+    require_regular(&a.file, "snapshot")?;
     let info = inspect(&a.file, a.common.offset)?;
     // Check every name before creating or sizing any RAM file.
     for ram in &a.ram {

@@ -10,12 +10,14 @@ use mapped_ram_linux::{
 };
 
 use crate::args::{RamArg, SaveArgs, MAX_DEVICE_STATE, MAX_NEW_OFFSET};
-use crate::files::{identity, kind, read_regular_bounded};
+use crate::files::{identity, kind, read_regular_bounded, require_regular};
 use crate::output::{progress_bar, save_json, CliError};
 use crate::signals::Interrupts;
 
 /// Maps a RAM file read-only (for save and verify); an empty file is an error.
 pub fn map_ram(ram: &RamArg) -> Result<MappedFile, CliError> {
+    require_regular(&ram.path, "RAM file")
+        .map_err(|e| CliError::new(format!("{} (block {:?})", e.message, ram.name)))?;
     let map = MappedFile::open_readonly(&ram.path).map_err(|e| {
         CliError::new(format!(
             "RAM file {} for block {:?}: {e}",

@@ -6,11 +6,13 @@ use serde_json::{json, Value};
 use mapped_ram_linux::{verify, SaveRegion};
 
 use crate::args::VerifyArgs;
+use crate::files::require_regular;
 use crate::output::{info_json, CliError};
 use crate::save::map_ram;
 
 /// Runs `verify`.
 pub fn cmd_verify(a: VerifyArgs, json: bool) -> Result<Value, CliError> {
+    require_regular(&a.file, "snapshot")?;
     let maps = a.ram.iter().map(map_ram).collect::<Result<Vec<_>, _>>()?;
     let regions: Vec<SaveRegion<'_>> = a
         .ram
