@@ -12,6 +12,8 @@ pub struct CliError {
     pub message: String,
     /// 1, or 128 + the signal number for an operation a signal cancelled.
     pub status: i32,
+    /// The library reported the operation as cancelled (through `Cancel`), nothing else.
+    pub cancelled: bool,
 }
 
 impl CliError {
@@ -20,6 +22,7 @@ impl CliError {
         CliError {
             message: message.into(),
             status: 1,
+            cancelled: false,
         }
     }
 }
@@ -39,7 +42,9 @@ pub fn finish(result: Result<Value, CliError>, json: bool) -> i32 {
             }
             0
         }
-        Err(CliError { message, status }) => {
+        Err(CliError {
+            message, status, ..
+        }) => {
             let one_line = message.replace('\n', " ");
             if json {
                 println!(

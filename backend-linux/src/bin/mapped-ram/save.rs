@@ -6,7 +6,7 @@ use serde_json::{json, Value};
 
 use mapped_ram_linux::{
     default_channels, save, update, Changes, GuestMemory, LiveRegion, MappedFile, Progress,
-    SaveOptions, SaveRegion, SaveReport, UpdateOptions, MAX_BLOCKS,
+    SaveError, SaveOptions, SaveRegion, SaveReport, UpdateError, UpdateOptions, MAX_BLOCKS,
 };
 
 use crate::args::{RamArg, SaveArgs, MAX_DEVICE_STATE, MAX_NEW_OFFSET};
@@ -181,7 +181,11 @@ pub fn cmd_save(a: SaveArgs, json: bool, sig: &Interrupts) -> Result<Value, CliE
     if let Some(b) = bar {
         b.finish_and_clear();
     }
-    let report = cancelled_or(sig, result.map_err(CliError::from), &a.output, "save")?;
+    let result = result.map_err(|e| CliError {
+        cancelled: matches!(e, SaveError::Cancelled),
+        ..CliError::from(e)
+    });
+    let report = cancelled_or(sig, result, &a.output, "save")?;
     if !json {
         print_save(&report);
     }
@@ -189,7 +193,8 @@ pub fn cmd_save(a: SaveArgs, json: bool, sig: &Interrupts) -> Result<Value, CliE
 }
 
 /// The result of a save or update of `target`; when a signal arrived during it and it failed,
-/// the cancellation error (exit status 128 + signal).
+/// the error with exit status 128 + signal (saying that the previous snapshot was kept when the
+/// library reported the cancellation itself).
 fn cancelled_or<T>(
     sig: &Interrupts,
     result: Result<T, CliError>,
@@ -197,7 +202,7 @@ fn cancelled_or<T>(
     what: &str,
 ) -> Result<T, CliError> {
     match (result, sig.received()) {
-        (Err(e), Some(signal)) => Err(sig.cancelled(
+        (Err(e), Some(signal)) if e.cancelled => Err(sig.cancelled(
             signal,
             &format!("{what} of {}", target.display()),
             format!(
@@ -206,6 +211,12 @@ fn cancelled_or<T>(
                 target.display()
             ),
         )),
+        // It failed for another reason while the signal was being handled: that reason,
+        // with the signal's status.
+        (Err(e), Some(signal)) => Err(CliError {
+            status: 128 + signal,
+            ..e
+        }),
         (Ok(v), Some(_)) => {
             eprintln!(
                 "note: the signal arrived after the {what} of {} was complete",
@@ -264,7 +275,10 @@ fn save_update(
         save,
         ..UpdateOptions::default()
     };
-    let r = update(output, &live, Changes::Compare, &opts)?;
+    let r = update(output, &live, Changes::Compare, &opts).map_err(|e| CliError {
+        cancelled: matches!(e, UpdateError::Save(SaveError::Cancelled)),
+        ..CliError::from(e)
+    })?;
     if !json {
         for p in &r.stale_temporaries_removed {
             eprintln!("note: removed stale temporary file {}", p.display());

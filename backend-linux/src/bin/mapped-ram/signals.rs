@@ -106,6 +106,7 @@ impl Interrupts {
         CliError {
             message: format!("{what} cancelled by {}: {detail}", name(signal)),
             status: 128 + signal,
+            cancelled: true,
         }
     }
 
