@@ -41,7 +41,7 @@ pub const MAX_DEVICE_STATE: u64 = 1 << 30;
 /// error; 130 after SIGINT and 143 after SIGTERM (the operation was cancelled, a save's
 /// temporary file removed and the previous snapshot kept).
 #[derive(Debug, Parser)]
-#[command(name = "mapped-ram", version, about, long_about)]
+#[command(name = "mapped-ram", version)]
 pub struct Cli {
     /// Print one machine-readable JSON object instead of text.
     #[arg(long, global = true)]
