@@ -21,7 +21,7 @@ use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use mapped_ram_linux::cli::synthetic_image;
+use mapped_ram_linux::synthetic_image;
 use mapped_ram_linux::{
     restore, restore_lazy, save, DirectIo, LazyOptions, RestoreOptions, RestoreRegion, SaveOptions,
     SaveRegion,

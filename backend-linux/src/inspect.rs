@@ -150,6 +150,15 @@ pub fn open_snapshot(path: &Path, offset: u64) -> Result<Snapshot, FormatError> 
     Ok(Snapshot { fd, info })
 }
 
+/// The most RAM blocks a snapshot may hold: 4096.
+///
+/// QEMU registers a few RAM blocks per guest (`pc.ram`, ROMs, option ROMs, flash, one per
+/// memory backend or DIMM — a few dozen even for large guests; its memory hotplug allows 256
+/// slots). A file claiming more is refused with [`FormatError::Stream`] at the offset of the
+/// first block record past the cap, before anything is held for it: without a cap a small file
+/// of a million tiny blocks made `inspect` hold gigabytes of metadata.
+pub const MAX_BLOCKS: usize = 4096;
+
 pub(crate) fn read_structure(
     fd: BorrowedFd<'_>,
     path: &Path,
@@ -163,6 +172,16 @@ pub(crate) fn read_structure(
     let mut names = std::collections::HashSet::new();
     let mut last_data: Option<usize> = None;
     while let Some(rec) = dec.next_block().map_err(|e| stream_error(path, e))? {
+        if blocks.len() >= MAX_BLOCKS {
+            return Err(FormatError::Stream {
+                path: path.into(),
+                message: format!(
+                    "at file offset {:#x}: more than {MAX_BLOCKS} RAM blocks (the most a snapshot may hold)",
+                    rec.record_offset
+                ),
+                offset: rec.record_offset,
+            });
+        }
         let name = rec.name.as_str().to_string();
         if !names.insert(name.clone()) {
             return Err(FormatError::DuplicateBlock {
@@ -306,8 +325,97 @@ pub fn read_device_state(path: &Path, offset: u64) -> Result<Vec<u8>, FormatErro
     let snap = open_snapshot(path, offset)?;
     let start = snap.info.device_state_offset;
     let len = snap.info.device_state_end().saturating_sub(start);
-    let mut buf = vec![0u8; len as usize];
-    file::read_exact_at(snap.fd.as_fd(), &mut buf, start)
-        .map_err(|e| IoFailure::new(Op::ReadDeviceState, path, Some(start), e))?;
+    let fail = |e| IoFailure::new(Op::ReadDeviceState, path, Some(start), e);
+    let mut buf = Vec::new();
+    usize::try_from(len)
+        .ok()
+        .and_then(|n| buf.try_reserve_exact(n).ok().map(|()| n))
+        .map(|n| buf.resize(n, 0))
+        .ok_or_else(|| {
+            fail(std::io::Error::new(
+                std::io::ErrorKind::OutOfMemory,
+                format!("{len} bytes of device state do not fit in memory (stream them with DeviceStateReader)"),
+            ))
+        })?;
+    file::read_exact_at(snap.fd.as_fd(), &mut buf, start).map_err(fail)?;
     Ok(buf)
+}
+
+/// The device state of a snapshot (the bytes [`read_device_state`] returns) as a [`Read`]er,
+/// for copying it anywhere with a buffer of any size: memory does not grow with the device
+/// state.
+///
+/// ```no_run
+/// let mut state = mapped_ram_linux::DeviceStateReader::open("vm.mr".as_ref(), 0)?;
+/// let mut out = std::fs::File::create("vm.devstate")?;
+/// std::io::copy(&mut state, &mut out)?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+///
+/// [`Read`]: std::io::Read
+#[derive(Debug)]
+pub struct DeviceStateReader {
+    fd: OwnedFd,
+    start: u64,
+    len: u64,
+    pos: u64,
+}
+
+impl DeviceStateReader {
+    /// Opens and validates the snapshot at `path` (stream at `offset`), positioned at the
+    /// start of its device state.
+    pub fn open(path: &Path, offset: u64) -> Result<Self, FormatError> {
+        let snap = open_snapshot(path, offset)?;
+        let start = snap.info.device_state_offset;
+        Ok(DeviceStateReader {
+            fd: snap.fd,
+            start,
+            len: snap.info.device_state_end().saturating_sub(start),
+            pos: 0,
+        })
+    }
+
+    /// File offset of the first byte of the device state.
+    pub fn start(&self) -> u64 {
+        self.start
+    }
+
+    /// Bytes of device state.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether the device state is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// File offset of the next byte [`read`](std::io::Read::read) returns.
+    pub fn file_offset(&self) -> u64 {
+        self.start + self.pos
+    }
+}
+
+impl std::io::Read for DeviceStateReader {
+    /// Reads the next bytes; a file that became shorter than the device state it had when it
+    /// was opened is an [`UnexpectedEof`](std::io::ErrorKind::UnexpectedEof) error.
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let want = (self.len - self.pos).min(buf.len() as u64) as usize;
+        let Some(buf) = buf.get_mut(..want).filter(|b| !b.is_empty()) else {
+            return Ok(0);
+        };
+        let n = file::pread_some(self.fd.as_fd(), buf, self.file_offset())?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!(
+                    "the file ends at {:#x}, before the end of its device state at {:#x} (truncated while it was read)",
+                    self.file_offset(),
+                    self.start + self.len
+                ),
+            ));
+        }
+        self.pos += n as u64;
+        Ok(n)
+    }
 }

@@ -45,8 +45,6 @@
 )]
 
 mod blocks;
-#[cfg(feature = "cli")]
-pub mod cli;
 mod commit;
 mod error;
 mod executor;
@@ -62,6 +60,7 @@ mod plan;
 mod progress;
 mod restore;
 mod save;
+pub mod synthetic;
 #[allow(unsafe_code)]
 mod sys;
 pub mod update;
@@ -76,7 +75,9 @@ pub use error::{
     RestoreError, RestoreErrorKind, SaveError,
 };
 pub use file::DirectIo;
-pub use inspect::{inspect, read_device_state, BlockInfo, Snapshot, SnapshotInfo};
+pub use inspect::{
+    inspect, read_device_state, BlockInfo, DeviceStateReader, Snapshot, SnapshotInfo, MAX_BLOCKS,
+};
 pub use lazy::{restore_lazy, LazyBlock, LazyOptions, LazyReport, LazyRestore};
 pub use live::{FinishedSave, LiveOptions, LiveRegion, LiveReport, LiveSave, PassReport};
 pub use mem::{GuestMemory, PrivateMapping};
@@ -88,6 +89,7 @@ pub use save::{
     default_channels, save, save_memory, save_to_fds, SaveOptions, SaveRegion, SaveReport,
     ZeroPages, PUNCH_MIN_PAGES, RAM_SECTION_ID,
 };
+pub use synthetic::synthetic_image;
 pub use sys::{populate_read, populate_write, AlignedBuf, MappedFile, DIRECT_IO_ALIGN};
 pub use update::{update, Changes, CopyMode, UpdateError, UpdateOptions, UpdateReport};
 pub use verify::{verify, CorruptPage, Mismatch, VerifyError, VerifyReport};

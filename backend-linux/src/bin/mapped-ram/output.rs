@@ -1,0 +1,165 @@
+//! What the tool prints: the error type and its exit status, the progress bar, and the JSON
+//! forms of the library's reports (documented in the README).
+
+use serde_json::{json, Value};
+
+use mapped_ram_linux::{RestoreReport, SaveReport, SnapshotInfo};
+
+/// A command failure: the message printed after `error: `, and the exit status.
+#[derive(Debug)]
+pub struct CliError {
+    /// One line (newlines are replaced when printed).
+    pub message: String,
+    /// 1, or 128 + the signal number for an operation a signal cancelled.
+    pub status: i32,
+    /// The library reported the operation as cancelled (through `Cancel`), nothing else.
+    pub cancelled: bool,
+}
+
+impl CliError {
+    /// A failure with exit status 1.
+    pub fn new(message: impl Into<String>) -> Self {
+        CliError {
+            message: message.into(),
+            status: 1,
+            cancelled: false,
+        }
+    }
+}
+
+impl<E: std::error::Error> From<E> for CliError {
+    fn from(e: E) -> Self {
+        CliError::new(e.to_string())
+    }
+}
+
+/// Prints the outcome of a command and returns the exit status.
+pub fn finish(result: Result<Value, CliError>, json: bool) -> i32 {
+    match result {
+        Ok(out) => {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
+            }
+            0
+        }
+        Err(CliError {
+            message, status, ..
+        }) => {
+            let one_line = message.replace('\n', " ");
+            if json {
+                println!(
+                    "{}",
+                    json!({ "ok": false, "error": one_line, "status": status })
+                );
+            }
+            eprintln!("error: {one_line}");
+            status
+        }
+    }
+}
+
+/// A progress bar on stderr when it is a terminal and the output is not JSON.
+pub fn progress_bar(json: bool, what: &str) -> Option<indicatif::ProgressBar> {
+    use std::io::IsTerminal;
+    if json || !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:40}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    bar.set_message(what.to_string());
+    Some(bar)
+}
+
+/// The JSON form of a save report.
+pub fn save_json(r: &SaveReport) -> Value {
+    json!({
+        "ok": true,
+        "command": "save",
+        "path": r.path,
+        "bytes": r.ram_bytes,
+        "data_bytes": r.data_bytes,
+        "pages": r.pages,
+        "pages_written": r.pages_stored,
+        "zero_pages": r.zero_pages,
+        "writes": r.writes,
+        "seconds": r.seconds,
+        "gib_per_s": r.gib_per_second(),
+        "channels": r.channels,
+        "direct_io": r.direct_io,
+        "direct_io_fallback": r.direct_io_fallback,
+        "file_size": r.file_size,
+        "checksums": r.checksums,
+        "stale_temporaries_removed": r.stale_temporaries_removed,
+    })
+}
+
+/// The JSON form of a restore report.
+pub fn restore_json(r: &RestoreReport) -> Value {
+    json!({
+        "ok": true,
+        "command": "restore",
+        "blocks": r.blocks_restored,
+        "blocks_skipped": r.blocks_skipped,
+        "bytes": r.ram_bytes,
+        "data_bytes": r.data_bytes,
+        "pages_written": r.pages_stored,
+        "zero_pages": r.zero_pages,
+        "reads": r.reads,
+        "seconds": r.seconds,
+        "gib_per_s": r.gib_per_second(),
+        "channels": r.channels,
+        "direct_io": r.direct_io,
+        "direct_io_fallback": r.direct_io_fallback,
+        "machine": r.machine,
+        "checksums_verified": r.checksums_verified,
+    })
+}
+
+/// The JSON form of a snapshot's structure.
+pub fn info_json(info: &SnapshotInfo) -> Value {
+    let blocks: Vec<Value> = info
+        .blocks
+        .iter()
+        .map(|b| {
+            json!({
+                "name": b.name,
+                "length": b.layout.length,
+                "page_size": b.layout.page_size,
+                "pages": b.pages(),
+                "pages_stored": b.pages_stored(),
+                "pages_zero": b.pages() - b.pages_stored(),
+                "record_offset": b.layout.record_offset,
+                "header_offset": b.layout.header_offset,
+                "bitmap_offset": b.layout.bitmap_offset,
+                "bitmap_size": b.layout.bitmap_size,
+                "pages_offset": b.layout.pages_offset,
+                "gpa": b.gpa,
+            })
+        })
+        .collect();
+    json!({
+        "path": info.path,
+        "offset": info.offset,
+        "file_size": info.file_size,
+        "machine": info.machine,
+        "capabilities": info.capabilities,
+        "ram_section_id": info.ram_section_id,
+        "total_ram": info.total_ram,
+        "device_stream_start": info.device_stream_start,
+        "device_state_offset": info.device_state_offset,
+        "checksums": info.integrity.map(|i| json!({
+            "algorithm": "crc32c",
+            "anchor_offset": i.anchor_offset,
+            "table_offset": i.record.table_offset,
+            "table_len": i.record.table_len,
+            "footer_offset": i.footer_offset,
+        })),
+        "blocks": blocks,
+    })
+}

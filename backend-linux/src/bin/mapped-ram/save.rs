@@ -1,0 +1,330 @@
+//! `mapped-ram save` (and `save --update`): RAM files → snapshot.
+
+use std::path::Path;
+
+use serde_json::{json, Value};
+
+use mapped_ram_linux::{
+    default_channels, save, update, Changes, GuestMemory, LiveRegion, MappedFile, Progress,
+    SaveError, SaveOptions, SaveRegion, SaveReport, UpdateError, UpdateOptions, MAX_BLOCKS,
+};
+
+use crate::args::{RamArg, SaveArgs, MAX_DEVICE_STATE, MAX_NEW_OFFSET};
+use crate::files::{identity, kind, read_regular_bounded, require_regular};
+use crate::output::{progress_bar, save_json, CliError};
+use crate::signals::Interrupts;
+
+/// Maps a RAM file read-only (for save and verify); an empty file is an error.
+pub fn map_ram(ram: &RamArg) -> Result<MappedFile, CliError> {
+    require_regular(&ram.path, "RAM file")
+        .map_err(|e| CliError::new(format!("{} (block {:?})", e.message, ram.name)))?;
+    let map = MappedFile::open_readonly(&ram.path).map_err(|e| {
+        CliError::new(format!(
+            "RAM file {} for block {:?}: {e}",
+            ram.path.display(),
+            ram.name
+        ))
+    })?;
+    if map.is_empty() {
+        return Err(CliError::new(format!(
+            "RAM file {} for block {:?} is empty",
+            ram.path.display(),
+            ram.name
+        )));
+    }
+    Ok(map)
+}
+
+/// At most [`MAX_BLOCKS`] blocks, each name once.
+pub fn check_block_names(ram: &[RamArg]) -> Result<(), CliError> {
+    if ram.len() > MAX_BLOCKS {
+        return Err(CliError::new(format!(
+            "{} --ram blocks given; a snapshot holds at most {MAX_BLOCKS}",
+            ram.len()
+        )));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for r in ram {
+        if !seen.insert(r.name.as_str()) {
+            return Err(CliError::new(format!(
+                "block {:?} is given twice with --ram",
+                r.name
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The target must be new, or a regular file that is none of the RAM files (under any of its
+/// names: symlinks and hard links are compared by device and inode); a prefix larger than
+/// [`MAX_NEW_OFFSET`] must already be in it. Checked before anything is written.
+fn check_target(a: &SaveArgs) -> Result<(), CliError> {
+    let out = &a.output;
+    let existing = match std::fs::metadata(out) {
+        Ok(m) => Some(m),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(CliError::new(format!("snapshot {}: {e}", out.display()))),
+    };
+    if let Some(m) = &existing {
+        if !m.file_type().is_file() {
+            return Err(CliError::new(format!(
+                "snapshot {} is {}: refusing to replace it with a regular file",
+                out.display(),
+                kind(m)
+            )));
+        }
+        let target = identity(out, "snapshot")?;
+        for ram in &a.ram {
+            if identity(&ram.path, "RAM file")? == target {
+                return Err(CliError::new(format!(
+                    "snapshot {} is the RAM file {} of block {:?}: refusing to replace the RAM with the snapshot",
+                    out.display(),
+                    ram.path.display(),
+                    ram.name
+                )));
+            }
+        }
+    }
+    let offset = a.common.offset;
+    if offset > MAX_NEW_OFFSET {
+        let have = existing.as_ref().map_or(0, |m| m.len());
+        if have < offset {
+            return Err(CliError::new(format!(
+                "snapshot {}: offset {offset} is larger than {MAX_NEW_OFFSET} bytes and the target holds only {have} bytes of prefix (a larger prefix is kept from an existing target, never written as zeros)",
+                out.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Runs `save`.
+pub fn cmd_save(a: SaveArgs, json: bool, sig: &Interrupts) -> Result<Value, CliError> {
+    check_block_names(&a.ram)?;
+    if a.common.page_size != 4096 {
+        // The library's save does not record a target page size other than 4096 in the
+        // stream yet (no `target_page_bits`), so such a file would not load anywhere: refuse
+        // it rather than write it. Remove this check once the engine records the page size.
+        return Err(CliError::new(format!(
+            "page size {}: saving with a target page size other than 4096 is not supported yet (the file would not load)",
+            a.common.page_size
+        )));
+    }
+    check_target(&a)?;
+    let maps = a.ram.iter().map(map_ram).collect::<Result<Vec<_>, _>>()?;
+    for (ram, map) in a.ram.iter().zip(&maps) {
+        if map.len() as u64 % a.common.page_size != 0 {
+            return Err(CliError::new(format!(
+                "RAM file {} for block {:?} is {} bytes, not a multiple of the page size {} (short or wrong file?)",
+                ram.path.display(),
+                ram.name,
+                map.len(),
+                a.common.page_size
+            )));
+        }
+    }
+    let regions: Vec<SaveRegion<'_>> = a
+        .ram
+        .iter()
+        .zip(&maps)
+        .map(|(r, m)| SaveRegion {
+            name: &r.name,
+            memory: m.as_slice(),
+            page_size: a.common.page_size,
+        })
+        .collect();
+    let device_state = match &a.device_state {
+        Some(p) => Some(read_regular_bounded(
+            p,
+            MAX_DEVICE_STATE,
+            "device-state file",
+        )?),
+        None => None,
+    };
+    let mut opts = SaveOptions {
+        channels: a.common.channels.unwrap_or_else(default_channels),
+        direct_io: a.common.direct_io,
+        zero_pages: a.zero_pages,
+        machine: a.machine.clone(),
+        device_state,
+        offset: a.common.offset,
+        fsync: !a.no_fsync,
+        chunk_bytes: a
+            .common
+            .chunk_bytes
+            .unwrap_or(SaveOptions::default().chunk_bytes),
+        max_gap_pages: a
+            .write_gap_pages
+            .unwrap_or(SaveOptions::default().max_gap_pages),
+        checksums: a.checksums,
+        preallocate: !a.no_preallocate,
+        ..SaveOptions::default()
+    };
+    let armed = sig.arm();
+    opts.cancel = Some(armed.cancel());
+    if a.update {
+        let result = save_update(&a.output, &regions, opts, json);
+        drop(armed);
+        return cancelled_or(sig, result, &a.output, "update");
+    }
+    let bar = progress_bar(json, "save");
+    let mut hook = sig.test_hook();
+    let mut cb = |p: Progress| {
+        hook();
+        if let Some(b) = &bar {
+            b.set_length(p.total);
+            b.set_position(p.done);
+        }
+    };
+    let result = save(&a.output, &regions, &opts, Some(&mut cb));
+    drop(armed);
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    let result = result.map_err(|e| CliError {
+        cancelled: matches!(e, SaveError::Cancelled),
+        ..CliError::from(e)
+    });
+    let report = cancelled_or(sig, result, &a.output, "save")?;
+    if !json {
+        print_save(&report);
+    }
+    Ok(save_json(&report))
+}
+
+/// The result of a save or update of `target`; when a signal arrived during it and it failed,
+/// the error with exit status 128 + signal (saying that the previous snapshot was kept when the
+/// library reported the cancellation itself).
+fn cancelled_or<T>(
+    sig: &Interrupts,
+    result: Result<T, CliError>,
+    target: &Path,
+    what: &str,
+) -> Result<T, CliError> {
+    match (result, sig.received()) {
+        (Err(e), Some(signal)) if e.cancelled => Err(sig.cancelled(
+            signal,
+            &format!("{what} of {}", target.display()),
+            format!(
+                "{}; the temporary file was removed and {} was left as it was",
+                e.message,
+                target.display()
+            ),
+        )),
+        // It failed for another reason while the signal was being handled: that reason,
+        // with the signal's status.
+        (Err(e), Some(signal)) => Err(CliError {
+            status: 128 + signal,
+            ..e
+        }),
+        (Ok(v), Some(_)) => {
+            eprintln!(
+                "note: the signal arrived after the {what} of {} was complete",
+                target.display()
+            );
+            Ok(v)
+        }
+        (r, None) => r,
+    }
+}
+
+fn print_save(r: &SaveReport) {
+    if let Some(why) = &r.direct_io_fallback {
+        eprintln!("note: {why}");
+    }
+    for p in &r.stale_temporaries_removed {
+        eprintln!("note: removed stale temporary file {}", p.display());
+    }
+    println!(
+        "saved {} ({:.1} MiB of RAM, {} of {} pages stored, {} zero) in {:.3} s: {:.2} GiB/s, {} channel(s), direct-io {}",
+        r.path.display(),
+        r.ram_bytes as f64 / (1u64 << 20) as f64,
+        r.pages_stored,
+        r.pages,
+        r.zero_pages,
+        r.seconds,
+        r.gib_per_second(),
+        r.channels,
+        if r.direct_io { "on" } else { "off" }
+    );
+}
+
+/// `save --update`: compares the RAM files with the snapshot and writes only the pages that
+/// differ (see [`mapped_ram_linux::update()`]); returns the JSON report.
+fn save_update(
+    output: &Path,
+    regions: &[SaveRegion<'_>],
+    save: SaveOptions,
+    json: bool,
+) -> Result<Value, CliError> {
+    if !output.exists() {
+        return Err(CliError::new(format!(
+            "{}: no snapshot to update (save without --update first)",
+            output.display()
+        )));
+    }
+    let live: Vec<LiveRegion<'_>> = regions
+        .iter()
+        .map(|r| LiveRegion {
+            name: r.name,
+            memory: GuestMemory::from_slice(r.memory),
+            page_size: r.page_size,
+        })
+        .collect();
+    let opts = UpdateOptions {
+        save,
+        ..UpdateOptions::default()
+    };
+    let r = update(output, &live, Changes::Compare, &opts).map_err(|e| CliError {
+        cancelled: matches!(e, UpdateError::Save(SaveError::Cancelled)),
+        ..CliError::from(e)
+    })?;
+    if !json {
+        for p in &r.stale_temporaries_removed {
+            eprintln!("note: removed stale temporary file {}", p.display());
+        }
+        if r.unchanged() {
+            println!(
+                "{}: up to date ({} pages compared, none differ)",
+                output.display(),
+                r.pages_compared
+            );
+        } else {
+            println!(
+                "updated {}: {} of {} pages differed ({} written, {} now zero), {:.1} MiB of page data written, {} copy of {:.1} MiB, in {:.3} s",
+                output.display(),
+                r.pages_changed,
+                r.pages_compared,
+                r.pages_written,
+                r.zero_pages,
+                r.data_bytes as f64 / f64::from(1u32 << 20),
+                r.copy.as_str(),
+                r.copy_bytes as f64 / f64::from(1u32 << 20),
+                r.seconds
+            );
+        }
+    }
+    Ok(json!({
+        "ok": true,
+        "command": "save",
+        "update": true,
+        "path": r.path,
+        "unchanged": r.unchanged(),
+        "copy": r.copy.as_str(),
+        "copy_bytes": r.copy_bytes,
+        "pages": r.pages,
+        "pages_compared": r.pages_compared,
+        "pages_changed": r.pages_changed,
+        "pages_written": r.pages_written,
+        "zero_pages": r.zero_pages,
+        "pages_punched": r.pages_punched,
+        "data_bytes": r.data_bytes,
+        "writes": r.writes,
+        "pages_stored": r.pages_stored,
+        "full_save_bytes": r.full_save_bytes,
+        "checksums": r.checksums,
+        "direct_io": r.direct_io,
+        "channels": r.channels,
+        "seconds": r.seconds,
+    }))
+}
