@@ -144,6 +144,14 @@ impl std::error::Error for IoFailure {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum RegionError {
+    /// More regions than a snapshot may hold ([`crate::MAX_BLOCKS`]).
+    #[error("more than {max} regions given (a snapshot holds at most {max} blocks)")]
+    TooMany {
+        /// Regions given.
+        count: usize,
+        /// The cap.
+        max: usize,
+    },
     /// The block name is empty or longer than 255 bytes.
     #[error("block name {name:?} must be 1 to 255 bytes long")]
     BadName {

@@ -20,7 +20,13 @@ pub(crate) fn check_regions<'n>(
 ) -> Result<u64, RegionError> {
     let mut seen = std::collections::HashSet::new();
     let mut common = None;
-    for (name, length, page_size) in names_lengths {
+    for (count, (name, length, page_size)) in names_lengths.enumerate() {
+        if count >= crate::MAX_BLOCKS {
+            return Err(RegionError::TooMany {
+                count: count + 1,
+                max: crate::MAX_BLOCKS,
+            });
+        }
         if name.is_empty() || name.len() > 255 {
             return Err(RegionError::BadName { name: name.into() });
         }
@@ -103,11 +109,17 @@ pub(crate) fn plan(
     machine: &str,
     offset: u64,
 ) -> Result<Plan, SaveError> {
-    let config =
+    let mut config =
         Config::new(machine, Capabilities::MAPPED_RAM).map_err(|e| OptionError::Machine {
             machine: machine.into(),
             reason: e.to_string(),
         })?;
+    // A target page size other than QEMU's default is recorded in the configuration section
+    // (its `target_page_bits` subsection), as QEMU does for such targets; readers check the
+    // block headers' page size against it.
+    if page_size != 4096 {
+        config.target_page_bits = Some(page_size.trailing_zeros());
+    }
     let mut planner = Planner::new(0, page_size, false)?;
     for (name, length) in blocks {
         planner.push(name.len(), *length)?;

@@ -1,4 +1,5 @@
-//! The backend's only `unsafe` code: memory mappings of RAM files and page-aligned buffers.
+//! Memory mappings of RAM files and page-aligned buffers: with [`crate::mem`], the only module
+//! allowed `unsafe` code (`#![deny(unsafe_code)]` at the crate root).
 //!
 //! Everything else in this crate reaches the kernel through rustix's safe wrappers, passing
 //! guest memory as ordinary `&[u8]` / `&mut [u8]` slices.
@@ -37,7 +38,17 @@ impl MappedFile {
     /// Maps `len` bytes of `file` from offset 0. `len` 0 gives an empty mapping.
     ///
     /// `mmap(2)`: <https://man7.org/linux/man-pages/man2/mmap.2.html>.
-    pub fn map(file: &File, len: usize, writable: bool) -> std::io::Result<Self> {
+    ///
+    /// # Safety
+    ///
+    /// For as long as the mapping lives, nobody — no other process, no other descriptor of
+    /// this one — may truncate the file below `len` (touching a page past its end raises
+    /// `SIGBUS`) or change its bytes (the slices this hands out promise they do not change).
+    /// For memory another party may write or truncate, read the file with
+    /// [`crate::GuestMemory::from_file`] instead. Where the file system must find space for a
+    /// writable mapping's pages (tmpfs, sparse files), allocate them first (`fallocate(2)`), or
+    /// a full file system raises `SIGBUS` on the first write.
+    pub unsafe fn map(file: &File, len: usize, writable: bool) -> std::io::Result<Self> {
         if len == 0 {
             return Ok(Self {
                 ptr: NonNull::dangling(),
@@ -69,11 +80,16 @@ impl MappedFile {
     }
 
     /// Opens and maps the file at `path` read-only.
-    pub fn open_readonly(path: &Path) -> std::io::Result<Self> {
+    ///
+    /// # Safety
+    ///
+    /// As for [`MappedFile::map`].
+    pub unsafe fn open_readonly(path: &Path) -> std::io::Result<Self> {
         let file = File::open(path)?;
         let len = usize::try_from(file.metadata()?.len())
             .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "file too large"))?;
-        Self::map(&file, len, false)
+        // SAFETY: the caller keeps `map`'s contract for this file.
+        unsafe { Self::map(&file, len, false) }
     }
 
     /// Length of the mapping in bytes.

@@ -131,7 +131,24 @@ pub fn cmd_restore(a: RestoreArgs, json: bool, sig: &Interrupts) -> Result<Value
             f.set_len(length)
                 .map_err(|e| CliError::new(format!("RAM file {}: {e}", ram.path.display())))?;
         }
-        let map = MappedFile::map(f, length as usize, true)
+        // Space for every page up front: a full file system is ENOSPC here, naming the file,
+        // instead of SIGBUS on the first write into the mapping. (EOPNOTSUPP: the file system
+        // cannot reserve space; then writes find it or fail as they would anyway.)
+        match rustix::fs::fallocate(f, rustix::fs::FallocateFlags::KEEP_SIZE, 0, length) {
+            Ok(()) | Err(rustix::io::Errno::OPNOTSUPP) => {}
+            Err(e) => {
+                return Err(CliError::new(format!(
+                    "RAM file {} for block {:?}: reserving {length} bytes: {}",
+                    ram.path.display(),
+                    ram.name,
+                    std::io::Error::from_raw_os_error(e.raw_os_error())
+                )))
+            }
+        }
+        // SAFETY: the file was just sized and its space reserved; the restore is its only
+        // writer, and the CLI contract (README, `restore`) is that nobody else changes or
+        // truncates the RAM files while a restore writes them.
+        let map = unsafe { MappedFile::map(f, length as usize, true) }
             .map_err(|e| CliError::new(format!("mmap of RAM file {}: {e}", ram.path.display())))?;
         maps.push(map);
     }

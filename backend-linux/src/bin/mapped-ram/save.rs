@@ -4,9 +4,11 @@ use std::path::Path;
 
 use serde_json::{json, Value};
 
+use std::os::fd::AsFd;
+
 use mapped_ram_linux::{
-    default_channels, save, update, Changes, GuestMemory, LiveRegion, MappedFile, Progress,
-    SaveError, SaveOptions, SaveRegion, SaveReport, UpdateError, UpdateOptions, MAX_BLOCKS,
+    default_channels, save_memory, update, Changes, GuestMemory, LiveRegion, MappedFile, Progress,
+    SaveError, SaveOptions, SaveReport, UpdateError, UpdateOptions, MAX_BLOCKS,
 };
 
 use crate::args::{RamArg, SaveArgs, MAX_DEVICE_STATE, MAX_NEW_OFFSET};
@@ -14,11 +16,41 @@ use crate::files::{identity, kind, read_regular_bounded, require_regular};
 use crate::output::{progress_bar, save_json, CliError};
 use crate::signals::Interrupts;
 
-/// Maps a RAM file read-only (for save and verify); an empty file is an error.
+/// Opens a RAM file for a save: it is read with `pread(2)` (see
+/// [`GuestMemory::from_file`]), so another process may keep writing it, and a file that
+/// shrinks during the save is an error naming it, never `SIGBUS`. An empty file is an error.
+pub fn open_ram(ram: &RamArg) -> Result<(std::fs::File, usize), CliError> {
+    require_regular(&ram.path, "RAM file")
+        .map_err(|e| CliError::new(format!("{} (block {:?})", e.message, ram.name)))?;
+    let fail = |e: std::io::Error| {
+        CliError::new(format!(
+            "RAM file {} for block {:?}: {e}",
+            ram.path.display(),
+            ram.name
+        ))
+    };
+    let file = std::fs::File::open(&ram.path).map_err(fail)?;
+    let len = file.metadata().map_err(fail)?.len();
+    let len = usize::try_from(len).map_err(|_| fail(std::io::Error::other("file too large")))?;
+    if len == 0 {
+        return Err(CliError::new(format!(
+            "RAM file {} for block {:?} is empty",
+            ram.path.display(),
+            ram.name
+        )));
+    }
+    Ok((file, len))
+}
+
+/// Maps a RAM file read-only (for verify, which compares it with the snapshot); an empty file
+/// is an error.
 pub fn map_ram(ram: &RamArg) -> Result<MappedFile, CliError> {
     require_regular(&ram.path, "RAM file")
         .map_err(|e| CliError::new(format!("{} (block {:?})", e.message, ram.name)))?;
-    let map = MappedFile::open_readonly(&ram.path).map_err(|e| {
+    // SAFETY: the RAM files given to `verify` are those of a stopped guest, which the user
+    // promises no one changes or truncates while the verification runs (README, `verify`);
+    // a file truncated anyway ends the process with SIGBUS, which is what `verify` documents.
+    let map = unsafe { MappedFile::open_readonly(&ram.path) }.map_err(|e| {
         CliError::new(format!(
             "RAM file {} for block {:?}: {e}",
             ram.path.display(),
@@ -101,35 +133,26 @@ fn check_target(a: &SaveArgs) -> Result<(), CliError> {
 /// Runs `save`.
 pub fn cmd_save(a: SaveArgs, json: bool, sig: &Interrupts) -> Result<Value, CliError> {
     check_block_names(&a.ram)?;
-    if a.common.page_size != 4096 {
-        // The library's save does not record a target page size other than 4096 in the
-        // stream yet (no `target_page_bits`), so such a file would not load anywhere: refuse
-        // it rather than write it. Remove this check once the engine records the page size.
-        return Err(CliError::new(format!(
-            "page size {}: saving with a target page size other than 4096 is not supported yet (the file would not load)",
-            a.common.page_size
-        )));
-    }
     check_target(&a)?;
-    let maps = a.ram.iter().map(map_ram).collect::<Result<Vec<_>, _>>()?;
-    for (ram, map) in a.ram.iter().zip(&maps) {
-        if map.len() as u64 % a.common.page_size != 0 {
+    let files = a.ram.iter().map(open_ram).collect::<Result<Vec<_>, _>>()?;
+    for (ram, (_, len)) in a.ram.iter().zip(&files) {
+        if *len as u64 % a.common.page_size != 0 {
             return Err(CliError::new(format!(
                 "RAM file {} for block {:?} is {} bytes, not a multiple of the page size {} (short or wrong file?)",
                 ram.path.display(),
                 ram.name,
-                map.len(),
+                len,
                 a.common.page_size
             )));
         }
     }
-    let regions: Vec<SaveRegion<'_>> = a
+    let regions: Vec<LiveRegion<'_>> = a
         .ram
         .iter()
-        .zip(&maps)
-        .map(|(r, m)| SaveRegion {
+        .zip(&files)
+        .map(|(r, (f, len))| LiveRegion {
             name: &r.name,
-            memory: m.as_slice(),
+            memory: GuestMemory::from_file(f.as_fd(), 0, *len),
             page_size: a.common.page_size,
         })
         .collect();
@@ -176,7 +199,7 @@ pub fn cmd_save(a: SaveArgs, json: bool, sig: &Interrupts) -> Result<Value, CliE
             b.set_position(p.done);
         }
     };
-    let result = save(&a.output, &regions, &opts, Some(&mut cb));
+    let result = save_memory(&a.output, &regions, &opts, Some(&mut cb));
     drop(armed);
     if let Some(b) = bar {
         b.finish_and_clear();
@@ -253,7 +276,7 @@ fn print_save(r: &SaveReport) {
 /// differ (see [`mapped_ram_linux::update()`]); returns the JSON report.
 fn save_update(
     output: &Path,
-    regions: &[SaveRegion<'_>],
+    regions: &[LiveRegion<'_>],
     save: SaveOptions,
     json: bool,
 ) -> Result<Value, CliError> {
@@ -263,19 +286,12 @@ fn save_update(
             output.display()
         )));
     }
-    let live: Vec<LiveRegion<'_>> = regions
-        .iter()
-        .map(|r| LiveRegion {
-            name: r.name,
-            memory: GuestMemory::from_slice(r.memory),
-            page_size: r.page_size,
-        })
-        .collect();
+    let live = regions;
     let opts = UpdateOptions {
         save,
         ..UpdateOptions::default()
     };
-    let r = update(output, &live, Changes::Compare, &opts).map_err(|e| CliError {
+    let r = update(output, live, Changes::Compare, &opts).map_err(|e| CliError {
         cancelled: matches!(e, UpdateError::Save(SaveError::Cancelled)),
         ..CliError::from(e)
     })?;
