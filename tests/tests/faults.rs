@@ -1209,3 +1209,99 @@ fn preallocation_keeps_long_zero_runs_as_holes() {
     );
     eprintln!("allocated: {with} bytes with preallocation, {without} without");
 }
+
+/// The calls of an update's copy (reflink clone, `SEEK_DATA`/`SEEK_HOLE`, `copy_file_range`)
+/// and of a lazy restore's hole scan go through the fault seam: a failure at every one of them
+/// is an error naming the operation, the file and the offset, and the snapshot is untouched;
+/// `copy_file_range` refused by the file system falls back to reads and writes.
+#[test]
+fn update_copy_and_lazy_scan_faults_name_the_call() {
+    use mapped_ram_linux::{
+        restore_lazy, update, Changes, CopyMode, GuestMemory, LazyOptions, LiveRegion, UpdateError,
+        UpdateOptions,
+    };
+    const EXDEV: i32 = 18;
+    let _g = fault::serial();
+    let dir = disk_dir("copy-ops");
+    let target = dir.join("snap.mr");
+    let guest = Guest::new(41);
+    let o = opts(DirectIo::Auto, 2);
+    save(&target, &guest.regions(), &o, None).unwrap();
+    let before = std::fs::read(&target).unwrap();
+    let mut changed = guest.ram.clone();
+    changed[0] ^= 0xff;
+    let regions = [
+        LiveRegion {
+            name: "pc.ram",
+            memory: GuestMemory::from_slice(&changed),
+            page_size: PS,
+        },
+        LiveRegion {
+            name: "pc.bios",
+            memory: GuestMemory::from_slice(&guest.bios),
+            page_size: PS,
+        },
+    ];
+    let run = |copy: CopyMode| {
+        let opts = UpdateOptions {
+            save: o.clone(),
+            copy,
+            ..UpdateOptions::default()
+        };
+        update(&target, &regions, Changes::Compare, &opts)
+    };
+    let mut cases = 0;
+    for (op, skip, errno, copy) in [
+        (Op::Clone, 0, EIO, CopyMode::Reflink),
+        (Op::Seek, 0, EIO, CopyMode::Full),
+        (Op::Seek, 1, EIO, CopyMode::Full),
+        (Op::CopyRange, 0, EIO, CopyMode::Full),
+        (Op::CopyRange, 0, ENOSPC, CopyMode::Full),
+    ] {
+        fault::clear();
+        fault::inject(fault(op, skip, 1, FaultKind::Errno(errno)));
+        let err = run(copy).expect_err("an injected fault fails the update");
+        let fired = fault::fired(op);
+        fault::clear();
+        assert_eq!(fired, 1, "{op:?} #{skip} was reached");
+        match (&err, op) {
+            (UpdateError::NoReflink { source, .. }, Op::Clone) => {
+                assert_eq!(source.raw_os_error(), Some(errno))
+            }
+            (UpdateError::Save(SaveError::Io(f)), _) => {
+                assert_eq!(f.op, op, "{err}");
+                assert_eq!(f.errno(), Some(errno), "{err}");
+                assert!(f.offset.is_some(), "{err}");
+            }
+            _ => panic!("{op:?}: unexpected error {err}"),
+        }
+        assert_eq!(
+            std::fs::read(&target).unwrap(),
+            before,
+            "{op:?}: snapshot untouched"
+        );
+        assert!(temporaries(&dir).is_empty(), "{op:?}: temporary removed");
+        cases += 1;
+    }
+    // copy_file_range refused (another file system): the copy falls back, and succeeds.
+    fault::inject(fault(Op::CopyRange, 0, 1, FaultKind::Errno(EXDEV)));
+    let report = run(CopyMode::Full).unwrap();
+    assert_eq!(fault::fired(Op::CopyRange), 1);
+    fault::clear();
+    assert!(report.copy_bytes > 0);
+    let v = verify(&target, 0, &[]).unwrap();
+    assert!(v.ok());
+    cases += 1;
+    // The lazy restore's SEEK_DATA scan.
+    let snap = std::fs::read(&target).unwrap();
+    fault::inject(fault(Op::Seek, 0, 1, FaultKind::Errno(EIO)));
+    let err = restore_lazy(&target, &["pc.ram"], &LazyOptions::default()).unwrap_err();
+    fault::clear();
+    let RestoreErrorKind::Io(f) = &err.kind else {
+        panic!("{err}")
+    };
+    assert_eq!((f.op, f.errno()), (Op::Seek, Some(EIO)), "{err}");
+    assert_eq!(std::fs::read(&target).unwrap(), snap);
+    cases += 1;
+    eprintln!("update copy and lazy scan faults: {cases} cases");
+}
