@@ -96,15 +96,18 @@ pub struct LiveReport {
     pub passes: Vec<PassReport>,
 }
 
-pub(crate) fn blocks<'m>(regions: &[LiveRegion<'m>]) -> Vec<Block<'m>> {
-    regions
-        .iter()
-        .map(|r| Block {
+impl<'m> From<&LiveRegion<'m>> for Block<'m> {
+    fn from(r: &LiveRegion<'m>) -> Self {
+        Block {
             name: r.name,
             memory: r.memory,
             page_size: r.page_size,
-        })
-        .collect()
+        }
+    }
+}
+
+pub(crate) fn blocks<'m>(regions: &[LiveRegion<'m>]) -> Vec<Block<'m>> {
+    regions.iter().map(Block::from).collect()
 }
 
 /// A live save in progress (see the module docs).

@@ -277,14 +277,7 @@ pub fn save_memory(
     opts: &SaveOptions,
     progress: Option<ProgressFn<'_>>,
 ) -> Result<SaveReport, SaveError> {
-    let blocks = regions
-        .iter()
-        .map(|r| Block {
-            name: r.name,
-            memory: r.memory,
-            page_size: r.page_size,
-        })
-        .collect();
+    let blocks = crate::live::blocks(regions);
     full_save(Writer::create(path, blocks, opts, true)?, progress)
 }
 

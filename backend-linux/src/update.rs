@@ -322,14 +322,7 @@ pub fn update(
         }
         None => None,
     };
-    let engine_blocks = file_regions
-        .iter()
-        .map(|r| Block {
-            name: r.name,
-            memory: r.memory,
-            page_size: r.page_size,
-        })
-        .collect();
+    let engine_blocks = file_regions.iter().map(|r| Block::from(*r)).collect();
     let (mut w, copy, copy_bytes) = Writer::from_snapshot(
         path,
         snap.fd.as_fd(),

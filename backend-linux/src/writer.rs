@@ -240,6 +240,13 @@ impl<'m, 'f> Writer<'m, 'f> {
         }
     }
 
+    fn cancelled(&self) -> bool {
+        self.settings
+            .cancel
+            .as_ref()
+            .is_some_and(Cancel::is_cancelled)
+    }
+
     /// The file being written (the temporary, or the descriptor's label), for errors.
     pub fn path(&self) -> &Path {
         match &self.dest {
@@ -573,12 +580,7 @@ impl<'m, 'f> Writer<'m, 'f> {
     /// bitmaps, and the checksums. After it the guest may run again; [`Writer::commit`] makes
     /// the file durable.
     pub fn finish(&mut self, device_state: Option<&[u8]>) -> Result<Finished, SaveError> {
-        if self
-            .settings
-            .cancel
-            .as_ref()
-            .is_some_and(Cancel::is_cancelled)
-        {
+        if self.cancelled() {
             return Err(SaveError::Cancelled);
         }
         let path = self.path().to_path_buf();
@@ -688,12 +690,7 @@ impl<'m, 'f> Writer<'m, 'f> {
     /// one [commit step](crate::commit)). Returns the previous snapshot's inode, still open.
     pub fn commit(mut self) -> Result<Retired, SaveError> {
         self.channels.clear();
-        if self
-            .settings
-            .cancel
-            .as_ref()
-            .is_some_and(Cancel::is_cancelled)
-        {
+        if self.cancelled() {
             return Err(SaveError::Cancelled);
         }
         let fsync = self.settings.fsync;
