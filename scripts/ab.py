@@ -22,11 +22,11 @@ def run(cmd):
     return json.loads(out)
 
 
-def save(binary, image, out, fresh=True):
+def save(binary, image, out, fresh=True, extra=()):
     if fresh and os.path.exists(out):
         os.unlink(out)
     drop_caches()
-    r = run([binary, "--json", "save", "--ram", f"mem={image}", "-o", out])
+    r = run([binary, "--json", "save", "--ram", f"mem={image}", "-o", out, *extra])
     return r["gib_per_s"]
 
 
@@ -48,6 +48,7 @@ def main():
     ap.add_argument("--size", default="2G")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--dir", default="target/bench")
+    ap.add_argument("--new-save-args", default="", help="extra save flags for NEW, e.g. --map-ram")
     a = ap.parse_args()
     size = parse_size(a.size)
     os.makedirs(a.dir, exist_ok=True)
@@ -63,9 +64,11 @@ def main():
         for kind, image in images.items():
             for name, binary in [("old", a.old), ("new", a.new)]:
                 snap = os.path.join(a.dir, f"ab-{name}.mr")
-                rows.setdefault((kind, "save, empty path", name), []).append(save(binary, image, snap))
+                extra = a.new_save_args.split() if name == "new" else ()
+                rows.setdefault((kind, "save, empty path", name), []).append(
+                    save(binary, image, snap, extra=extra))
                 rows.setdefault((kind, "save over existing", name), []).append(
-                    save(binary, image, snap, fresh=False))
+                    save(binary, image, snap, fresh=False, extra=extra))
                 rows.setdefault((kind, "restore", name), []).append(restore(binary, snap, image, dst))
         print(f"round {rnd + 1} done", file=sys.stderr, flush=True)
     print(f"| image ({a.size}) | operation | old GiB/s median (min–max) | new GiB/s median (min–max) | new/old |")

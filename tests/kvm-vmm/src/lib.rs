@@ -85,8 +85,10 @@ fn live_save(
         *w |= p;
     }
     let device_state = state.to_bytes()?;
-    let finishing = Instant::now();
-    let last = live.finish(&log, &device_state)?;
+    let finished = live.finish_pass(&log, &device_state)?;
+    // The guest could resume here; the commit below only makes the snapshot durable.
+    let may_resume = Instant::now();
+    let last = finished.commit()?;
     let durable = Instant::now();
     done.push(last);
     let mem = m.ram_stopped()?;
@@ -94,7 +96,7 @@ fn live_save(
     // The saved registers must predict the saved memory (the guest is what we think it is).
     check::check_consistent(mem, &check::page_counters(mem), &state)?;
     let pages = m.ram().len() as u64 / vm::PAGE;
-    let resume_ok = finishing - stopped + Duration::from_secs_f64(last.seconds);
+    let resume_ok = may_resume - stopped;
     Ok((
         state,
         json!({

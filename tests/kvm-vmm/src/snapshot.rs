@@ -54,12 +54,23 @@ impl<'m> Live<'m> {
         Ok(pass_of(&self.0.pass(&[dirty])?))
     }
 
-    /// The last pass (guest stopped) with the final dirty log, then the device state, the
-    /// bitmaps, fdatasync and the rename over the target: durable when it returns.
-    pub fn finish(self, dirty: &[u64], device_state: &[u8]) -> Result<Pass, Error> {
-        let report = self.0.finish(&[dirty], Some(device_state))?;
+    /// The last pass (guest stopped) with the final dirty log, then the device state and the
+    /// bitmaps: the guest may resume when this returns. [`Finished::commit`] makes it durable.
+    pub fn finish_pass(self, dirty: &[u64], device_state: &[u8]) -> Result<Finished<'m>, Error> {
+        Ok(Finished(self.0.finish_pass(&[dirty], Some(device_state))?))
+    }
+}
+
+/// A live save whose last pass is done, not yet durable.
+pub struct Finished<'m>(mr::FinishedSave<'m>);
+
+impl Finished<'_> {
+    /// fdatasync, rename over the target, directory fsync: durable when it returns. Returns
+    /// the final pass.
+    pub fn commit(self) -> Result<Pass, Error> {
+        let report = self.0.commit()?;
         Ok(pass_of(
-            report.passes.last().ok_or("finish reported no pass")?,
+            report.passes.last().ok_or("commit reported no pass")?,
         ))
     }
 }

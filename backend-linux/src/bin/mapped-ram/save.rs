@@ -42,14 +42,14 @@ pub fn open_ram(ram: &RamArg) -> Result<(std::fs::File, usize), CliError> {
     Ok((file, len))
 }
 
-/// Maps a RAM file read-only (for verify, which compares it with the snapshot); an empty file
-/// is an error.
+/// Maps a RAM file read-only (for verify, which compares it with the snapshot, and for
+/// `save --map-ram`); an empty file is an error.
 pub fn map_ram(ram: &RamArg) -> Result<MappedFile, CliError> {
     require_regular(&ram.path, "RAM file")
         .map_err(|e| CliError::new(format!("{} (block {:?})", e.message, ram.name)))?;
-    // SAFETY: the RAM files given to `verify` are those of a stopped guest, which the user
-    // promises no one changes or truncates while the verification runs (README, `verify`);
-    // a file truncated anyway ends the process with SIGBUS, which is what `verify` documents.
+    // SAFETY: the RAM files given to `verify` and `save --map-ram` are those of a stopped
+    // guest, which the user promises no one changes or truncates meanwhile (README, the
+    // flags' help); a file truncated anyway ends the process with SIGBUS, as documented.
     let map = unsafe { MappedFile::open_readonly(&ram.path) }.map_err(|e| {
         CliError::new(format!(
             "RAM file {} for block {:?}: {e}",
@@ -146,13 +146,23 @@ pub fn cmd_save(a: SaveArgs, json: bool, sig: &Interrupts) -> Result<Value, CliE
             )));
         }
     }
+    // `--map-ram`: the operator promises the files do not change (see the flag's help).
+    let maps = if a.map_ram && !a.update {
+        a.ram.iter().map(map_ram).collect::<Result<Vec<_>, _>>()?
+    } else {
+        Vec::new()
+    };
     let regions: Vec<LiveRegion<'_>> = a
         .ram
         .iter()
         .zip(&files)
-        .map(|(r, (f, len))| LiveRegion {
+        .enumerate()
+        .map(|(i, (r, (f, len)))| LiveRegion {
             name: &r.name,
-            memory: GuestMemory::from_file(f.as_fd(), 0, *len),
+            memory: match maps.get(i) {
+                Some(m) => GuestMemory::from_slice(m.as_slice()),
+                None => GuestMemory::from_file(f.as_fd(), 0, *len),
+            },
             page_size: a.common.page_size,
         })
         .collect();
