@@ -60,6 +60,7 @@ mod plan;
 mod progress;
 mod restore;
 mod save;
+mod snapshot;
 pub mod synthetic;
 #[allow(unsafe_code)]
 mod sys;
@@ -89,6 +90,7 @@ pub use save::{
     default_channels, save, save_memory, save_to_fds, SaveOptions, SaveRegion, SaveReport,
     ZeroPages, PUNCH_MIN_PAGES, RAM_SECTION_ID,
 };
+pub use snapshot::{create_snapshot, Region, SnapshotType};
 pub use synthetic::synthetic_image;
 pub use sys::{populate_read, populate_write, AlignedBuf, MappedFile, DIRECT_IO_ALIGN};
 pub use update::{update, Changes, CopyMode, UpdateError, UpdateOptions, UpdateReport};

@@ -1155,3 +1155,31 @@ fn fifos_and_devices_are_refused_as_inputs() {
     }
     eprintln!("FIFO and device inputs: {cases} cases");
 }
+
+#[test]
+fn save_reads_ram_files_or_maps_them_with_the_same_result() {
+    let dir = scratch("map-ram");
+    let a = image(4 << 20, 21);
+    let ram = dir.join("a.ram");
+    std::fs::write(&ram, &a).unwrap();
+    let mut files = Vec::new();
+    for (name, extra) in [("read.mr", None), ("mapped.mr", Some("--map-ram"))] {
+        let out = dir.join(name);
+        let mut cmd = bin();
+        cmd.arg("save")
+            .arg("--ram")
+            .arg(format!("pc.ram={}", ram.display()))
+            .arg("-o")
+            .arg(&out);
+        if let Some(flag) = extra {
+            cmd.arg(flag);
+        }
+        let (code, _, err) = run(&mut cmd);
+        assert_eq!(code, 0, "{name}: {err}");
+        files.push(std::fs::read(&out).unwrap());
+    }
+    assert!(
+        files[0] == files[1],
+        "pread and mapping write the same snapshot"
+    );
+}
