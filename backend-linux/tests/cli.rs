@@ -296,11 +296,15 @@ fn direct_io_on_refused_is_a_clear_error() {
         .status()
         .is_ok_and(|s| s.success());
     if !mounted {
+        let allowed = std::env::var("MAPPED_RAM_ALLOW_SKIP").is_ok_and(|v| {
+            v.split(',')
+                .any(|t| t.trim() == "ramfs" || t.trim() == "all")
+        });
         assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must be able to mount ramfs"
+            allowed,
+            "cannot mount ramfs (needs root); set MAPPED_RAM_ALLOW_SKIP=ramfs to skip"
         );
-        eprintln!("skipping: cannot mount ramfs here");
+        eprintln!("SKIPPED (ramfs, allowed by MAPPED_RAM_ALLOW_SKIP): cannot mount ramfs here");
         return;
     }
     let ram = dir.join("r.ram");

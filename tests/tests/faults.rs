@@ -20,7 +20,6 @@ use mapped_ram_linux::{
     SaveRegion, SnapshotInfo,
 };
 use mapped_ram_tests::image::pattern_image;
-use mapped_ram_tests::qemu::running_in_ci;
 use mapped_ram_tests::support::{cli_binary, Rng};
 
 const PS: u64 = 4096;
@@ -852,12 +851,9 @@ impl Mount {
                     Ok(o) => String::from_utf8_lossy(&o.stderr).into_owned(),
                     Err(e) => e.to_string(),
                 };
-                if running_in_ci() {
-                    panic!("cannot mount a tmpfs under CI: {why}");
-                }
-                eprintln!(
-                    "SKIPPED: cannot mount a tmpfs ({}); run as root",
-                    why.trim()
+                mapped_ram_tests::support::cannot_run(
+                    "tmpfs",
+                    &format!("cannot mount a tmpfs ({}); run as root", why.trim()),
                 );
                 None
             }
@@ -1018,10 +1014,10 @@ fn read_only_directory_is_a_clear_error() {
 fn kill_9_during_cli_saves_never_loses_the_snapshot() {
     let _g = fault::serial();
     let Some(bin) = cli_binary() else {
-        if running_in_ci() {
-            panic!("the mapped-ram binary is missing next to the test executable");
-        }
-        eprintln!("SKIPPED: build the mapped-ram binary first (cargo build -p mapped-ram-linux)");
+        mapped_ram_tests::support::cannot_run(
+            "kill_9",
+            "the mapped-ram binary is missing next to the test executable (cargo build -p mapped-ram-linux)",
+        );
         return;
     };
     let iterations: usize = std::env::var("KILL_ITERATIONS")

@@ -831,10 +831,7 @@ fn describe(who: &str, opened: usize, w: &[DirectWrite]) -> String {
 }
 
 fn skip_or_fail(why: &str) {
-    if running_in_ci() {
-        panic!("cannot run under CI: {why}");
-    }
-    eprintln!("SKIPPED: {why}");
+    mapped_ram_tests::support::cannot_run("strace", why);
 }
 
 fn strace_usable() -> Result<(), String> {

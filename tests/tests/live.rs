@@ -652,7 +652,10 @@ fn update_refuses_a_layout_that_does_not_match() {
 #[test]
 fn update_with_a_reflink_copy_writes_only_the_changed_pages() {
     let Some(dir) = std::env::var_os("MAPPED_RAM_REFLINK_DIR").map(PathBuf::from) else {
-        eprintln!("SKIPPED: set MAPPED_RAM_REFLINK_DIR to a directory on XFS/btrfs to test reflink updates");
+        mapped_ram_tests::support::cannot_run(
+            "reflink",
+            "set MAPPED_RAM_REFLINK_DIR to a directory on XFS/btrfs to test reflink updates",
+        );
         return;
     };
     let (mut ram, bios) = two_blocks(9);
