@@ -57,7 +57,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fresh = dir.join("engine-fresh.mr");
     let over = dir.join("engine-over.mr");
     for round in 0..rounds {
-        for i in 0..names.len() {
+        for (i, slot) in samples.iter_mut().enumerate() {
             let _ = std::fs::remove_file(&fresh);
             if i == 1 && !over.exists() {
                 save(
@@ -130,12 +130,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                         },
                         None,
                     )?;
-                    samples[i].push(gib / t.elapsed().as_secs_f64());
+                    slot.push(gib / t.elapsed().as_secs_f64());
                     assert!(back == ram, "restore is byte-identical");
                     continue;
                 }
             }
-            samples[i].push(gib / t.elapsed().as_secs_f64());
+            slot.push(gib / t.elapsed().as_secs_f64());
         }
         eprintln!("round {} done", round + 1);
     }

@@ -26,7 +26,7 @@ use crate::error::Op;
 pub enum FaultKind {
     /// The operation fails with this `errno` (e.g. 5 `EIO`, 28 `ENOSPC`, 22 `EINVAL`). The
     /// wrapper treats it like the kernel's answer: `EINTR` (4) is retried, `EAGAIN` (11) is
-    /// retried a bounded number of times (see [`crate::file`]'s retry policy), anything else
+    /// retried a bounded number of times (the retry policy in RELIABILITY.md), anything else
     /// fails the operation.
     Errno(i32),
     /// A read or write transfers at most this many bytes (a short transfer, not an error).
