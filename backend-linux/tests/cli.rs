@@ -1187,3 +1187,52 @@ fn save_reads_ram_files_or_maps_them_with_the_same_result() {
         "pread and mapping write the same snapshot"
     );
 }
+
+/// Issue 12, class 3: restoring into RAM files on a file system without room for them is a
+/// clear `No space left on device` naming the RAM file (exit 1) — not SIGBUS on the first write
+/// into the mapping, nor "Bad address" — for a new file and for a pre-sized sparse one.
+#[test]
+fn restore_into_a_full_tmpfs_is_enospc_not_sigbus() {
+    let dir = scratch("full-tmpfs");
+    let a = image(8 << 20, 33);
+    let snap = save_file(&dir, &[("pc.ram", &a)]);
+    let mnt = dir.join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        let allowed = std::env::var("MAPPED_RAM_ALLOW_SKIP").is_ok_and(|v| {
+            v.split(',')
+                .any(|t| t.trim() == "tmpfs" || t.trim() == "all")
+        });
+        assert!(
+            allowed,
+            "cannot mount a tmpfs (needs root); set MAPPED_RAM_ALLOW_SKIP=tmpfs to skip"
+        );
+        eprintln!("SKIPPED (tmpfs, allowed by MAPPED_RAM_ALLOW_SKIP): cannot mount a tmpfs");
+        return;
+    }
+    let sparse = mnt.join("sparse.ram");
+    std::fs::File::create(&sparse)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
+    let mut results = Vec::new();
+    for dest in [mnt.join("new.ram"), sparse] {
+        let (code, _, err) = run(bin()
+            .arg("restore")
+            .arg(&snap)
+            .arg("--ram")
+            .arg(format!("pc.ram={}", dest.display())));
+        results.push((dest, code, err));
+    }
+    let _ = Command::new("umount").arg(&mnt).status();
+    for (dest, code, err) in results {
+        assert_eq!(code, 1, "{}: {err}", dest.display());
+        let name = dest.file_name().unwrap().to_string_lossy().into_owned();
+        assert_error_line(&err, &["No space left on device", &name]);
+    }
+}
