@@ -40,6 +40,7 @@ use crate::progress::{Cancel, ProgressFn};
 use crate::save::{SaveOptions, ZeroPages, PUNCH_MIN_PAGES};
 use crate::sys::AlignedBuf;
 use crate::zero;
+use mapped_ram_core::plan as core_plan;
 
 /// One block to write: its name, memory and page size.
 #[derive(Debug, Clone, Copy)]
@@ -633,13 +634,13 @@ impl<'m, 'f> Writer<'m, 'f> {
             pages_stored += map.count_ones();
             if self.preallocated {
                 // Long zero runs become holes again, as they are without preallocation.
-                for run in map.as_ref().runs_in(0..layout.num_pages(), false) {
-                    if run.end - run.start < PUNCH_MIN_PAGES {
-                        continue;
-                    }
-                    let at = layout.pages_offset + run.start * layout.page_size;
-                    let len = (run.end - run.start) * layout.page_size;
-                    file::punch_hole(main, at, len).map_err(io(Op::Punch, &path, Some(at)))?;
+                for hole in core_plan::punches(layout, map.as_ref(), PUNCH_MIN_PAGES) {
+                    let at = hole.start;
+                    file::punch_hole(main, at, hole.end - at).map_err(io(
+                        Op::Punch,
+                        &path,
+                        Some(at),
+                    ))?;
                 }
             }
             let mut bytes = vec![0u8; words.len() * 8];
@@ -715,9 +716,8 @@ fn allocate_page_regions(
     fd: BorrowedFd<'_>,
     layouts: &[BlockLayout],
 ) -> Result<bool, (u64, std::io::Error)> {
-    for l in layouts.iter().filter(|l| !l.is_empty()) {
-        let len = l.pages_end() - l.pages_offset;
-        if !file::allocate(fd, l.pages_offset, len).map_err(|e| (l.pages_offset, e))? {
+    for r in mapped_ram_core::plan::allocations(layouts) {
+        if !file::allocate(fd, r.start, r.end - r.start).map_err(|e| (r.start, e))? {
             return Ok(false);
         }
     }

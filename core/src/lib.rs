@@ -11,6 +11,7 @@
 //! * [`integrity`] — this project's checksum records (anchor, table, footer, metadata ranges),
 //!   kept where QEMU's loader does not look.
 //! * [`matching`] — which block of a snapshot a region of guest memory names.
+//! * [`plan`] — the file-level steps of a save: what to allocate, what to punch, in what order.
 //!
 //! The crate is `#![no_std]`, needs no allocator, contains no `unsafe` code and is written so
 //! that no input can make it panic, overflow or index out of bounds (checked by clippy's
@@ -36,5 +37,6 @@ pub mod caps;
 pub mod integrity;
 pub mod layout;
 pub mod matching;
+pub mod plan;
 pub mod schedule;
 pub mod stream;

@@ -1,7 +1,8 @@
 //! Fuzz body for `mapped_ram_core::integrity` and `mapped_ram_core::matching`: arbitrary record
 //! bytes through `Record::decode` (a valid record must re-encode to the same bytes), and
 //! arbitrary block lists through `anchor_offset`, `table_len`, `MetadataRanges` and
-//! `matching::find` — none may panic, every range must be ordered.
+//! `matching::find`, `plan::allocations` and `plan::punches` — none may panic, every range
+//! must be ordered and punches stay inside their block's page region.
 //!
 //! Input: 64 record bytes, 4 bytes of "computed CRC", then per block (up to 8): id length
 //! (u8), length in pages (u16), empty flag (u8); then a wanted name length, length and page size.
@@ -46,6 +47,18 @@ pub fn run(mut data: &[u8]) {
         match layout {
             Ok(l) => layouts.push(l),
             Err(_) => return,
+        }
+    }
+    for r in mapped_ram_core::plan::allocations(&layouts) {
+        assert!(r.start <= r.end);
+    }
+    let bitmap_words: Vec<u64> = (0..64).map(|i| u64::from(take::<1>(&mut data)[0]) * i).collect();
+    for l in &layouts {
+        let pages = l.num_pages().min(64 * 64);
+        if let Ok(map) = mapped_ram_core::bitmap::BitmapRef::new(&bitmap_words, pages) {
+            for hole in mapped_ram_core::plan::punches(l, map, 2) {
+                assert!(hole.start >= l.pages_offset && hole.end <= l.pages_end(), "{hole:?}");
+            }
         }
     }
     let _ = integrity::anchor_offset(&layouts);
