@@ -10,8 +10,8 @@ use std::time::Instant;
 
 use mapped_ram_linux::vm_memory::{save_guest_memory, vm_memory};
 use mapped_ram_linux::{
-    restore, save, synthetic_image, GuestMemory, LiveOptions, LiveRegion, LiveSave, RestoreOptions,
-    RestoreRegion, SaveOptions, SaveRegion,
+    restore, save, synthetic_image, DirtyLog, GuestMemory, LiveOptions, LiveRegion, LiveSave,
+    RestoreOptions, RestoreRegion, SaveOptions, SaveRegion,
 };
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -96,7 +96,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     let mut live = LiveSave::begin(&fresh, &regions, &LiveOptions::default())?;
                     live.pass_all()?;
                     let empty = vec![0u64; size / 4096 / 64];
-                    live.finish(&[&empty], None)?;
+                    live.finish(&[DirtyLog::new("pc.ram", &empty)], None)?;
                 }
                 3 => {
                     save_guest_memory(&fresh, &vm, &["pc.ram"], &opts)?;

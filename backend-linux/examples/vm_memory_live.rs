@@ -9,7 +9,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use mapped_ram_linux::vm_memory::{restore_guest_memory, VmLiveSave};
+use mapped_ram_linux::vm_memory::{restore_guest_memory, DirtyTracking, VmLiveSave};
 use mapped_ram_linux::{LiveOptions, RestoreOptions};
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -38,7 +38,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // --- glue: live snapshot while the guest runs, then restore ---
     let names = ["pc.ram", "high.ram"];
-    let mut live = VmLiveSave::begin(&path, &mem, &names, &LiveOptions::default())?;
+    // Every write goes through vm-memory here; a KVM guest would use VmMemoryAndKvm and hand
+    // each pass its slots' KVM_GET_DIRTY_LOG.
+    let opts = LiveOptions::default();
+    let mut live = VmLiveSave::begin(&path, &mem, &names, DirtyTracking::VmMemory, &opts)?;
     let passes = std::thread::scope(|s| {
         let guest = s.spawn(|| {
             let mut i = 0u64;
@@ -49,9 +52,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
             i
         });
-        let mut passes = vec![live.pass()?]; // everything
+        let mut passes = vec![live.pass(&[])?]; // everything
         for _ in 0..3 {
-            passes.push(live.pass()?); // what the guest dirtied meanwhile
+            passes.push(live.pass(&[])?); // what the guest dirtied meanwhile
         }
         stop.store(true, Ordering::Relaxed); // "pause the vCPUs"
         println!(
@@ -60,7 +63,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
         Ok::<_, mapped_ram_linux::SaveError>(passes)
     })?;
-    let report = live.finish(None, None)?; // last pass with the guest paused
+    let report = live.finish(&[], None)?; // last pass with the guest paused
     let layout = [(names[0], GuestAddress(0)), (names[1], high)];
     let (back, _) = restore_guest_memory::<()>(&path, &layout, &RestoreOptions::default())?;
     // --- end of glue ---

@@ -274,6 +274,17 @@ pub enum OptionError {
         /// Blocks of the save.
         blocks: usize,
     },
+    /// A block has no dirty log: every pass needs one per block, so that a forgotten log
+    /// cannot silently leave stale pages in the snapshot.
+    #[error("no dirty log is given for block {block:?} (give one per block; an empty bitmap if nothing changed)")]
+    MissingDirtyLog {
+        /// The block.
+        block: String,
+    },
+    /// KVM dirty logs were given to a save that tracks only `vm-memory`'s bitmaps, or the
+    /// other way round.
+    #[error("{0}")]
+    DirtyTracking(String),
     /// A dirty log names a block that is not being saved.
     #[error("a dirty log is given for block {block:?}, which this save does not hold")]
     UnknownDirtyBlock {

@@ -80,7 +80,7 @@ pub use inspect::{
     inspect, read_device_state, BlockInfo, DeviceStateReader, Snapshot, SnapshotInfo, MAX_BLOCKS,
 };
 pub use lazy::{restore_lazy, LazyBlock, LazyOptions, LazyReport, LazyRestore};
-pub use live::{FinishedSave, LiveOptions, LiveRegion, LiveReport, LiveSave, PassReport};
+pub use live::{DirtyLog, FinishedSave, LiveOptions, LiveRegion, LiveReport, LiveSave, PassReport};
 pub use mem::{GuestMemory, PrivateMapping};
 pub use progress::{Cancel, Progress, ProgressFn};
 pub use restore::{

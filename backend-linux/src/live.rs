@@ -7,10 +7,10 @@
 //!
 //! ```text
 //! let mut live = LiveSave::begin(path, &regions, &LiveOptions::default())?; // stream start, block records
-//! live.pass(&[&dirty])?;           // first pass: everything (the bitmap is ignored)
-//! live.pass(&[&kvm_dirty_log])?;   // as often as useful: only the dirty pages
+//! live.pass_all()?;                                            // first pass: everything
+//! live.pass(&[DirtyLog::new("pc.ram", &kvm_dirty_log)])?;      // as often as useful: only the dirty pages
 //! /* pause the vCPUs */
-//! let done = live.finish_pass(&[&kvm_dirty_log], Some(&device_state))?; // last pass, bitmaps, tail
+//! let done = live.finish_pass(&[DirtyLog::new("pc.ram", &kvm_dirty_log)], Some(&device_state))?;
 //! /* the guest may resume now */
 //! done.commit()?;                  // sync, rename, directory sync: durable
 //! ```
@@ -45,7 +45,7 @@
 
 use std::path::Path;
 
-use crate::error::SaveError;
+use crate::error::{OptionError, SaveError};
 use crate::mem::GuestMemory;
 use crate::save::{SaveOptions, SaveReport};
 use crate::writer::{Block, Dirty, Finished, Writer};
@@ -166,11 +166,42 @@ impl<'m> LiveSave<'m> {
         self.writer.pass(dirty, None)
     }
 
-    /// Writes the pages marked in `dirty` (one KVM-layout bitmap per region, in region order),
-    /// while the guest may keep running. The first pass writes every page and ignores `dirty`.
-    pub fn pass(&mut self, dirty: &[&[u64]]) -> Result<PassReport, SaveError> {
-        self.check_count(dirty)?;
-        self.run(Dirty::Logs(dirty))
+    /// The logs in block order, each block's exactly once.
+    fn ordered<'d>(&self, logs: &[DirtyLog<'d>]) -> Result<Vec<&'d [u64]>, SaveError> {
+        let names = self.writer.block_names();
+        let mut ordered: Vec<Option<&'d [u64]>> = vec![None; names.len()];
+        for log in logs {
+            let Some(i) = names.iter().position(|n| *n == log.block) else {
+                return Err(OptionError::UnknownDirtyBlock {
+                    block: log.block.into(),
+                }
+                .into());
+            };
+            if ordered[i].replace(log.bitmap).is_some() {
+                return Err(OptionError::DuplicateDirtyBlock {
+                    block: log.block.into(),
+                }
+                .into());
+            }
+        }
+        ordered
+            .into_iter()
+            .zip(names)
+            .map(|(log, name)| {
+                log.ok_or_else(|| OptionError::MissingDirtyLog { block: name.into() }.into())
+            })
+            .collect()
+    }
+
+    /// Writes the pages marked in `logs` — one per block, keyed by block name, KVM's
+    /// dirty-log layout — while the guest may keep running. The first pass writes every page
+    /// (fetch the logs before it anyway: what the guest dirties during it shows in the next).
+    pub fn pass(&mut self, logs: &[DirtyLog<'_>]) -> Result<PassReport, SaveError> {
+        if self.writer.passes.is_empty() {
+            return self.run(Dirty::All);
+        }
+        let ordered = self.ordered(logs)?;
+        self.run(Dirty::Logs(&ordered))
     }
 
     /// Writes every page (a full pass).
@@ -178,33 +209,26 @@ impl<'m> LiveSave<'m> {
         self.run(Dirty::All)
     }
 
-    fn check_count(&self, dirty: &[&[u64]]) -> Result<(), SaveError> {
-        let blocks = self.writer.layouts.len();
-        if dirty.len() != blocks {
-            return Err(crate::error::OptionError::DirtyLogCount {
-                logs: dirty.len(),
-                blocks,
-            }
-            .into());
-        }
-        Ok(())
-    }
-
-    /// The last pass, to be run with the guest paused: writes the pages marked in `dirty`
+    /// The last pass, to be run with the guest paused: writes the pages marked in `logs`
     /// (every page if no pass ran yet), then the RAM END section and the device state
     /// (`device_state`, else [`SaveOptions::device_state`], else a bare `QEMU_VM_EOF`), the
     /// bitmaps and the checksums. The guest may run again as soon as it returns;
     /// [`FinishedSave::commit`] then makes the snapshot durable and puts it at the path.
+    ///
+    /// `device_state` is stored as is after the RAM END section: QEMU's device sections (from
+    /// [`crate::read_device_state`] of a QEMU file) keep the file loadable by QEMU; a VMM's own
+    /// blob (vCPU registers, say) makes a file only this library reads back. `None` and an
+    /// empty state both mean "no device state" (a bare `QEMU_VM_EOF`).
     pub fn finish_pass(
         mut self,
-        dirty: &[&[u64]],
+        logs: &[DirtyLog<'_>],
         device_state: Option<&[u8]>,
     ) -> Result<FinishedSave<'m>, SaveError> {
         if self.writer.passes.is_empty() {
             self.run(Dirty::All)?;
         } else {
-            self.check_count(dirty)?;
-            self.run(Dirty::Logs(dirty))?;
+            let ordered = self.ordered(logs)?;
+            self.run(Dirty::Logs(&ordered))?;
         }
         let finished = self.writer.finish(device_state)?;
         Ok(FinishedSave {
@@ -217,10 +241,28 @@ impl<'m> LiveSave<'m> {
     /// stays paused until the snapshot is durable.
     pub fn finish(
         self,
-        dirty: &[&[u64]],
+        logs: &[DirtyLog<'_>],
         device_state: Option<&[u8]>,
     ) -> Result<LiveReport, SaveError> {
-        self.finish_pass(dirty, device_state)?.commit()
+        self.finish_pass(logs, device_state)?.commit()
+    }
+}
+
+/// The pages of one block dirtied since the previous pass, in KVM's dirty-log layout
+/// (`KVM_GET_DIRTY_LOG`: page `k` is bit `k % 64` of word `k / 64`), keyed by the block's
+/// name — never by position, so two blocks' logs cannot be swapped unnoticed.
+#[derive(Debug, Clone, Copy)]
+pub struct DirtyLog<'d> {
+    /// The block's name.
+    pub block: &'d str,
+    /// Its dirty bitmap (at least one bit per page; bits past the last page are ignored).
+    pub bitmap: &'d [u64],
+}
+
+impl<'d> DirtyLog<'d> {
+    /// The log of `block`.
+    pub fn new(block: &'d str, bitmap: &'d [u64]) -> Self {
+        Self { block, bitmap }
     }
 }
 

@@ -15,18 +15,19 @@
 //! a `&[u8]`, so vCPUs and device threads may keep writing while a pass runs.
 //!
 //! ```no_run
-//! use mapped_ram_linux::vm_memory::{restore_guest_memory, VmLiveSave};
+//! use mapped_ram_linux::vm_memory::{restore_guest_memory, DirtyTracking, VmLiveSave};
 //! use mapped_ram_linux::{LiveOptions, RestoreOptions};
 //! use vm_memory::bitmap::AtomicBitmap;
 //! use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 //!
 //! let mem = GuestMemoryMmap::<AtomicBitmap>::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
 //! let path = std::path::Path::new("/var/tmp/vm.mr");
-//! let mut live = VmLiveSave::begin(path, &mem, &["pc.ram"], &LiveOptions::default())?;
-//! live.pass()?;                                         // everything, while the guest runs
+//! let mut live = VmLiveSave::begin(path, &mem, &["pc.ram"], DirtyTracking::VmMemory,
+//!                                  &LiveOptions::default())?;
+//! live.pass(&[])?;                                      // everything, while the guest runs
 //! mem.write_obj(42u64, GuestAddress(0x1000)).unwrap(); // the guest (or a device) writes
-//! live.pass()?;                                         // only the dirty pages
-//! live.finish(None, None)?;                             // guest paused: last pass, commit
+//! live.pass(&[])?;                                      // only the dirty pages
+//! live.finish(&[], None)?;                              // guest paused: last pass, commit
 //! let (back, _) = restore_guest_memory::<()>(path, &[("pc.ram", GuestAddress(0))],
 //!                                            &RestoreOptions::default())?;
 //! # Ok::<(), Box<dyn std::error::Error>>(())
@@ -47,7 +48,9 @@ use vm_memory::{
 use crate::error::{OptionError, RestoreError, RestoreErrorKind, SaveError};
 use crate::inspect::{inspect, open_snapshot};
 use crate::lazy::{self, LazyOptions, LazyReport, LazyTarget};
-use crate::live::{LiveOptions, LiveRegion, LiveReport, LiveSave, PassReport};
+use crate::live::{
+    DirtyLog, FinishedSave, LiveOptions, LiveRegion, LiveReport, LiveSave, PassReport,
+};
 use crate::mem::vm;
 use crate::restore::{restore, RestoreOptions, RestoreRegion, RestoreReport};
 use crate::save::{SaveOptions, SaveReport};
@@ -87,15 +90,32 @@ pub fn save_guest_memory<B: Bitmap>(
     opts: &SaveOptions,
 ) -> Result<SaveReport, SaveError> {
     let regions = live_regions(mem, names)?;
-    let live = LiveSave::begin(
-        path,
-        &regions,
-        &LiveOptions {
-            save: opts.clone(),
-            punch_holes: true,
-        },
-    )?;
-    live.finish(&[], None).map(|r| r.save)
+    crate::save::save_memory(path, &regions, opts, None)
+}
+
+/// Where a [`VmLiveSave`] learns which pages changed. A VMM says it once, at
+/// [`VmLiveSave::begin`], and every pass then insists on it: writes by vCPUs are invisible to
+/// `vm-memory`'s bitmaps, so a VMM whose guest runs on KVM must hand in KVM's logs each pass,
+/// and forgetting them is an error rather than a snapshot with stale pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DirtyTracking {
+    /// Only the regions' `AtomicBitmap`s: every write goes through `vm-memory` (emulated
+    /// devices, tests). Passes take no KVM logs.
+    VmMemory,
+    /// The regions' `AtomicBitmap`s ORed with KVM's dirty log of each region
+    /// (`KVM_GET_DIRTY_LOG` of its memory slot), which every pass must be given.
+    VmMemoryAndKvm,
+}
+
+/// KVM's dirty log of the guest region at `address` (`KVM_GET_DIRTY_LOG` of its slot): keyed
+/// by the region, never by position.
+#[derive(Debug, Clone, Copy)]
+pub struct KvmLog<'d> {
+    /// The region's guest physical address.
+    pub address: GuestAddress,
+    /// Its dirty bitmap (one bit per page).
+    pub bitmap: &'d [u64],
 }
 
 /// A live save of `vm-memory` guest memory, with `AtomicBitmap` dirty tracking (see the
@@ -104,16 +124,19 @@ pub fn save_guest_memory<B: Bitmap>(
 pub struct VmLiveSave<'m> {
     live: LiveSave<'m>,
     mem: &'m GuestMemoryMmap<AtomicBitmap>,
+    names: Vec<&'m str>,
+    tracking: DirtyTracking,
 }
 
 impl<'m> VmLiveSave<'m> {
     /// Starts a live save of `mem` (one block per region, named `names`) to `path`, and clears
     /// the regions' dirty bitmaps: the first pass writes everything, later passes what was
-    /// dirtied since the pass before.
+    /// dirtied since the pass before, as `tracking` says.
     pub fn begin(
         path: &Path,
         mem: &'m GuestMemoryMmap<AtomicBitmap>,
         names: &[&'m str],
+        tracking: DirtyTracking,
         opts: &LiveOptions,
     ) -> Result<Self, SaveError> {
         let regions = live_regions(mem, names)?;
@@ -133,59 +156,104 @@ impl<'m> VmLiveSave<'m> {
         for region in mem.iter() {
             region_bitmap(region).reset();
         }
-        Ok(Self { live, mem })
+        Ok(Self {
+            live,
+            mem,
+            names: names.to_vec(),
+            tracking,
+        })
     }
 
-    /// Fetches and clears the dirty bitmaps, ORed with `kvm` logs (one per region) if given.
-    fn take_dirty(&self, kvm: Option<&[&[u64]]>) -> Result<Vec<Vec<u64>>, SaveError> {
-        if let Some(k) = kvm {
-            if k.len() != self.mem.num_regions() {
-                return Err(OptionError::DirtyLogCount {
-                    logs: k.len(),
-                    blocks: self.mem.num_regions(),
-                }
-                .into());
+    /// Fetches and clears the dirty bitmaps, ORed with the KVM logs, one per region.
+    fn take_dirty(&self, kvm: &[KvmLog<'_>]) -> Result<Vec<Vec<u64>>, SaveError> {
+        let tracking = |m: String| SaveError::from(OptionError::DirtyTracking(m));
+        match self.tracking {
+            DirtyTracking::VmMemory if !kvm.is_empty() => {
+                return Err(tracking(
+                    "KVM dirty logs given to a save begun with DirtyTracking::VmMemory".into(),
+                ))
+            }
+            _ => {}
+        }
+        for log in kvm {
+            if !self.mem.iter().any(|r| r.start_addr() == log.address) {
+                return Err(tracking(format!(
+                    "a KVM dirty log is given for guest address {:#x}, where no region starts",
+                    log.address.0
+                )));
             }
         }
-        Ok(self
-            .mem
-            .iter()
-            .enumerate()
-            .map(|(i, region)| {
-                let mut words = region_bitmap(region).get_and_reset();
-                if let Some(extra) = kvm.map(|k| k[i]) {
-                    for (w, e) in words.iter_mut().zip(extra) {
+        let mut out = Vec::with_capacity(self.mem.num_regions());
+        for (region, name) in self.mem.iter().zip(&self.names) {
+            let mut words = region_bitmap(region).get_and_reset();
+            let logs: Vec<&KvmLog<'_>> = kvm
+                .iter()
+                .filter(|l| l.address == region.start_addr())
+                .collect();
+            match (self.tracking, logs.as_slice()) {
+                (DirtyTracking::VmMemoryAndKvm, []) => {
+                    return Err(OptionError::MissingDirtyLog {
+                        block: (*name).into(),
+                    }
+                    .into())
+                }
+                (_, [_, _, ..]) => {
+                    return Err(OptionError::DuplicateDirtyBlock {
+                        block: (*name).into(),
+                    }
+                    .into())
+                }
+                (_, [log]) => {
+                    for (w, e) in words.iter_mut().zip(log.bitmap) {
                         *w |= *e;
                     }
                 }
-                words
-            })
-            .collect())
+                (_, []) => {}
+            }
+            out.push(words);
+        }
+        Ok(out)
     }
 
-    /// A pass over the pages dirtied since the previous pass (everything the first time).
-    pub fn pass(&mut self) -> Result<PassReport, SaveError> {
-        self.pass_with(None)
+    fn logs<'a>(&self, dirty: &'a [Vec<u64>]) -> Vec<DirtyLog<'a>>
+    where
+        'm: 'a,
+    {
+        self.names
+            .iter()
+            .zip(dirty)
+            .map(|(name, words)| DirtyLog::new(name, words))
+            .collect()
     }
 
-    /// A pass over the pages dirtied since the previous pass according to `vm-memory` or to
-    /// the KVM dirty logs `kvm` (one per region, in address order).
-    pub fn pass_with(&mut self, kvm: Option<&[&[u64]]>) -> Result<PassReport, SaveError> {
+    /// A pass over the pages dirtied since the previous pass (everything the first time):
+    /// `vm-memory`'s bitmaps, ORed with `kvm` — one log per region with
+    /// [`DirtyTracking::VmMemoryAndKvm`], none with [`DirtyTracking::VmMemory`].
+    pub fn pass(&mut self, kvm: &[KvmLog<'_>]) -> Result<PassReport, SaveError> {
         let dirty = self.take_dirty(kvm)?;
-        let refs: Vec<&[u64]> = dirty.iter().map(Vec::as_slice).collect();
-        self.live.pass(&refs)
+        let logs = self.logs(&dirty);
+        self.live.pass(&logs)
     }
 
-    /// The last pass, with the guest paused (and the final KVM dirty logs, if any), then the
-    /// device state, bitmaps, sync and rename (see [`LiveSave::finish`]).
+    /// The last pass, with the guest paused, then the device state and bitmaps: the guest may
+    /// resume when it returns; [`FinishedSave::commit`] makes the snapshot durable.
+    pub fn finish_pass(
+        self,
+        kvm: &[KvmLog<'_>],
+        device_state: Option<&[u8]>,
+    ) -> Result<FinishedSave<'m>, SaveError> {
+        let dirty = self.take_dirty(kvm)?;
+        let logs = self.logs(&dirty);
+        self.live.finish_pass(&logs, device_state)
+    }
+
+    /// [`finish_pass`](Self::finish_pass), then [`FinishedSave::commit`].
     pub fn finish(
         self,
-        kvm: Option<&[&[u64]]>,
+        kvm: &[KvmLog<'_>],
         device_state: Option<&[u8]>,
     ) -> Result<LiveReport, SaveError> {
-        let dirty = self.take_dirty(kvm)?;
-        let refs: Vec<&[u64]> = dirty.iter().map(Vec::as_slice).collect();
-        self.live.finish(&refs, device_state)
+        self.finish_pass(kvm, device_state)?.commit()
     }
 
     /// The underlying live save.

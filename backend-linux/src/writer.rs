@@ -264,6 +264,11 @@ impl<'m, 'f> Writer<'m, 'f> {
         }
     }
 
+    /// The blocks' names, in block order.
+    pub fn block_names(&self) -> Vec<&'m str> {
+        self.blocks.iter().map(|b| b.name).collect()
+    }
+
     /// Channels in use.
     pub fn channel_count(&self) -> usize {
         self.settings.channels

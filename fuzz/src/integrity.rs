@@ -52,12 +52,17 @@ pub fn run(mut data: &[u8]) {
     for r in mapped_ram_core::plan::allocations(&layouts) {
         assert!(r.start <= r.end);
     }
-    let bitmap_words: Vec<u64> = (0..64).map(|i| u64::from(take::<1>(&mut data)[0]) * i).collect();
+    let bitmap_words: Vec<u64> = (0..64)
+        .map(|i| u64::from(take::<1>(&mut data)[0]) * i)
+        .collect();
     for l in &layouts {
         let pages = l.num_pages().min(64 * 64);
         if let Ok(map) = mapped_ram_core::bitmap::BitmapRef::new(&bitmap_words, pages) {
             for hole in mapped_ram_core::plan::punches(l, map, 2) {
-                assert!(hole.start >= l.pages_offset && hole.end <= l.pages_end(), "{hole:?}");
+                assert!(
+                    hole.start >= l.pages_offset && hole.end <= l.pages_end(),
+                    "{hole:?}"
+                );
             }
         }
     }

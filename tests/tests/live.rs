@@ -16,9 +16,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use mapped_ram_linux::{
-    inspect, restore, restore_lazy, save, update, verify, Changes, CopyMode, DirectIo, GuestMemory,
-    LazyOptions, LiveOptions, LiveRegion, LiveSave, RestoreOptions, RestoreRegion, SaveOptions,
-    SaveRegion, UpdateError, UpdateOptions,
+    inspect, restore, restore_lazy, save, update, verify, Changes, CopyMode, DirectIo, DirtyLog,
+    GuestMemory, LazyOptions, LiveOptions, LiveRegion, LiveSave, RestoreOptions, RestoreRegion,
+    SaveOptions, SaveRegion, UpdateError, UpdateOptions,
 };
 use mapped_ram_tests::image::{first_differing_page, pattern_image, PAGE_SIZE};
 use mapped_ram_tests::qemu::{
@@ -183,7 +183,7 @@ fn live_passes_with_a_concurrent_writer_100_times() {
             for _ in 0..(1 + iter % 4) {
                 let d = take(&dirty);
                 let r = live
-                    .pass(&[&d])
+                    .pass(&[DirtyLog::new("pc.ram", &d)])
                     .unwrap_or_else(|e| panic!("iteration {iter}: pass: {e}"));
                 dirty_total += r.pages_dirty;
             }
@@ -194,7 +194,7 @@ fn live_passes_with_a_concurrent_writer_100_times() {
         // The guest is paused: the final pass makes the file exact.
         let d = take(&dirty);
         let report = live
-            .finish(&[&d], None)
+            .finish(&[DirtyLog::new("pc.ram", &d)], None)
             .unwrap_or_else(|e| panic!("iteration {iter}: finish: {e}"));
         assert_eq!(
             report.save.checksums, opts.save.checksums,
@@ -279,7 +279,9 @@ fn a_page_that_turns_zero_has_a_clear_bit_and_restores_as_zero() {
                 .for_each(|w| w.store(fill, Ordering::Relaxed));
             dirty[p / 64] |= 1 << (p % 64);
         }
-        let report = live.finish(&[&dirty], None).unwrap();
+        let report = live
+            .finish(&[DirtyLog::new("pc.ram", &dirty)], None)
+            .unwrap();
         let last = report.passes.last().unwrap();
         assert_eq!(
             (last.pages_dirty, last.pages_written, last.zero_pages),
@@ -647,16 +649,60 @@ fn update_refuses_a_layout_that_does_not_match() {
     assert!(err.to_string().contains("missing.mr"), "{err}");
 }
 
-/// The reflink path, where a directory on a file system with reflinks is given
-/// (`MAPPED_RAM_REFLINK_DIR`, e.g. a loop-mounted XFS made with `mkfs.xfs -m reflink=1`).
+/// A loop-mounted XFS with reflinks (`mkfs.xfs -m reflink=1`, xfsprogs from
+/// `.ci/install-deps`), unmounted when dropped.
+struct LoopXfs {
+    mnt: PathBuf,
+}
+
+impl LoopXfs {
+    fn mount(name: &str) -> Result<LoopXfs, String> {
+        let base = disk_dir(name);
+        let image = base.join("xfs.img");
+        std::fs::File::create(&image)
+            .and_then(|f| f.set_len(512 << 20))
+            .map_err(|e| e.to_string())?;
+        let mnt = base.join("mnt");
+        std::fs::create_dir_all(&mnt).map_err(|e| e.to_string())?;
+        let run = |cmd: &mut std::process::Command| match cmd.output() {
+            Ok(o) if o.status.success() => Ok(()),
+            Ok(o) => Err(String::from_utf8_lossy(&o.stderr).into_owned()),
+            Err(e) => Err(e.to_string()),
+        };
+        run(std::process::Command::new("mkfs.xfs")
+            .args(["-q", "-m", "reflink=1"])
+            .arg(&image))?;
+        run(std::process::Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&image)
+            .arg(&mnt))?;
+        Ok(LoopXfs { mnt })
+    }
+}
+
+impl Drop for LoopXfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.mnt).status();
+    }
+}
+
+/// The reflink path: on an XFS with reflinks (`MAPPED_RAM_REFLINK_DIR`, or a loop-mounted one
+/// the test makes itself).
 #[test]
 fn update_with_a_reflink_copy_writes_only_the_changed_pages() {
-    let Some(dir) = std::env::var_os("MAPPED_RAM_REFLINK_DIR").map(PathBuf::from) else {
-        mapped_ram_tests::support::cannot_run(
-            "reflink",
-            "set MAPPED_RAM_REFLINK_DIR to a directory on XFS/btrfs to test reflink updates",
-        );
-        return;
+    let mut _xfs = None;
+    let dir = match std::env::var_os("MAPPED_RAM_REFLINK_DIR").map(PathBuf::from) {
+        Some(dir) => dir,
+        None => match LoopXfs::mount("reflink") {
+            Ok(xfs) => _xfs.insert(xfs).mnt.clone(),
+            Err(why) => {
+                mapped_ram_tests::support::cannot_run(
+                    "reflink",
+                    &format!("cannot make a loop-mounted XFS with reflinks ({why}); set MAPPED_RAM_REFLINK_DIR"),
+                );
+                return;
+            }
+        },
     };
     let (mut ram, bios) = two_blocks(9);
     let path = dir.join(format!("reflink-{}.mr", std::process::id()));

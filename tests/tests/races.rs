@@ -347,7 +347,12 @@ fn a_live_saves_temporary_survives_another_save_of_the_same_target() {
         report.stale_temporaries_removed
     );
     assert!(temp.exists(), "the live save's temporary is still there");
-    let done = live.finish(&[&[0u64; 16]], None).unwrap();
+    let done = live
+        .finish(
+            &[mapped_ram_linux::DirtyLog::new("pc.ram", &[0u64; 16])],
+            None,
+        )
+        .unwrap();
     assert_eq!(done.save.path, target);
     // A temporary whose save is gone (no lock) is removed by the next save.
     let stale = dir.join(format!(

@@ -51,13 +51,16 @@ impl<'m> Live<'m> {
 
     /// A pass over the pages of `dirty` (KVM's dirty log; ignored by the first pass).
     pub fn pass(&mut self, dirty: &[u64]) -> Result<Pass, Error> {
-        Ok(pass_of(&self.0.pass(&[dirty])?))
+        Ok(pass_of(&self.0.pass(&[mr::DirtyLog::new(BLOCK, dirty)])?))
     }
 
     /// The last pass (guest stopped) with the final dirty log, then the device state and the
     /// bitmaps: the guest may resume when this returns. [`Finished::commit`] makes it durable.
     pub fn finish_pass(self, dirty: &[u64], device_state: &[u8]) -> Result<Finished<'m>, Error> {
-        Ok(Finished(self.0.finish_pass(&[dirty], Some(device_state))?))
+        Ok(Finished(self.0.finish_pass(
+            &[mr::DirtyLog::new(BLOCK, dirty)],
+            Some(device_state),
+        )?))
     }
 }
 
