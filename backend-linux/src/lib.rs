@@ -90,7 +90,9 @@ pub use save::{
     default_channels, save, save_memory, save_to_fds, SaveOptions, SaveRegion, SaveReport,
     ZeroPages, PUNCH_MIN_PAGES, RAM_SECTION_ID,
 };
-pub use snapshot::{create_snapshot, Region, SnapshotType};
+pub use snapshot::{
+    create_snapshot, restore_snapshot, Region, RestoreMode, Restored, SnapshotType,
+};
 pub use synthetic::synthetic_image;
 pub use sys::{populate_read, populate_write, AlignedBuf, MappedFile, DIRECT_IO_ALIGN};
 pub use update::{update, Changes, CopyMode, UpdateError, UpdateOptions, UpdateReport};

@@ -1,5 +1,6 @@
 //! One entry point for every kind of snapshot, the way Firecracker's `create_snapshot` takes a
-//! `SnapshotType`: a full snapshot and a diff are one parameter, not two engines.
+//! `SnapshotType`: a full snapshot and a diff are one parameter, not two engines; and one for
+//! every kind of restore ([`restore_snapshot`] with a [`RestoreMode`]: copy or map).
 //!
 //! ```no_run
 //! use mapped_ram_linux::{create_snapshot, GuestMemory, Region, SaveOptions, SnapshotType};
@@ -15,8 +16,10 @@
 
 use std::path::Path;
 
-use crate::error::SaveError;
+use crate::error::{RestoreError, SaveError};
+use crate::lazy::{restore_lazy, LazyOptions, LazyRestore};
 use crate::live::LiveRegion;
+use crate::restore::{restore, RestoreOptions, RestoreRegion, RestoreReport};
 use crate::save::{SaveOptions, SaveReport};
 use crate::update::{update, Changes, UpdateError, UpdateOptions};
 
@@ -81,4 +84,56 @@ pub fn create_snapshot(
         stale_temporaries_removed: u.stale_temporaries_removed,
         checksums: u.checksums,
     })
+}
+
+/// How [`restore_snapshot`] brings a snapshot back.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum RestoreMode<'r, 'm> {
+    /// Read every stored page into the caller's memory ([`crate::restore()`]).
+    Copy(&'r mut [RestoreRegion<'m>]),
+    /// Map the named blocks (all blocks with pages when empty) from the file, read on first
+    /// touch ([`crate::restore_lazy()`]); `RestoreOptions::channels` threads check clear pages.
+    Lazy(&'r [&'r str]),
+}
+
+/// What [`restore_snapshot`] gives back.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Restored {
+    /// The copy's report; the memory is the caller's.
+    Copied(RestoreReport),
+    /// The mapped blocks and the report.
+    Mapped(LazyRestore),
+}
+
+/// Restores the snapshot at `path` as `mode` says (see [`RestoreMode`]).
+///
+/// ```no_run
+/// use mapped_ram_linux::{restore_snapshot, RestoreMode, RestoreOptions, RestoreRegion};
+///
+/// let path = std::path::Path::new("/var/tmp/guest.mr");
+/// let mut ram = vec![0u8; 16 << 20];
+/// let mut regions = [RestoreRegion { name: "pc.ram", memory: &mut ram, page_size: 4096 }];
+/// restore_snapshot(path, RestoreMode::Copy(&mut regions), &RestoreOptions::default())?;
+/// let mapped = restore_snapshot(path, RestoreMode::Lazy(&["pc.ram"]), &RestoreOptions::default())?;
+/// # let _ = mapped;
+/// # Ok::<(), mapped_ram_linux::RestoreError>(())
+/// ```
+pub fn restore_snapshot(
+    path: &Path,
+    mode: RestoreMode<'_, '_>,
+    opts: &RestoreOptions,
+) -> Result<Restored, RestoreError> {
+    match mode {
+        RestoreMode::Copy(regions) => restore(path, regions, opts, None).map(Restored::Copied),
+        RestoreMode::Lazy(names) => {
+            let lazy = LazyOptions {
+                offset: opts.offset,
+                threads: opts.channels,
+                ..LazyOptions::default()
+            };
+            restore_lazy(path, names, &lazy).map(Restored::Mapped)
+        }
+    }
 }

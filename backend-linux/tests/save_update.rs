@@ -314,5 +314,28 @@ fn create_snapshot_full_diff_and_compare() {
     };
     assert_eq!(compared.writes, 1, "only the page that differs");
     check(&ram);
+    // Both restore modes through the one entry point.
+    use mapped_ram_linux::{restore_snapshot, RestoreMode, Restored};
+    let mut back = vec![0u8; ram.len()];
+    let mut regions = [RestoreRegion {
+        name: "pc.ram",
+        memory: &mut back,
+        page_size: PS as u64,
+    }];
+    let r = restore_snapshot(
+        &path,
+        RestoreMode::Copy(&mut regions),
+        &RestoreOptions::default(),
+    );
+    assert!(matches!(r, Ok(Restored::Copied(_))));
+    assert!(back == ram);
+    let Ok(Restored::Mapped(lazy)) = restore_snapshot(
+        &path,
+        RestoreMode::Lazy(&["pc.ram"]),
+        &RestoreOptions::default(),
+    ) else {
+        panic!("lazy restore")
+    };
+    assert!(lazy.block("pc.ram").unwrap().mapping().as_slice() == ram.as_slice());
     assert_eq!(inspect(&path, 0).unwrap().blocks.len(), 1);
 }
