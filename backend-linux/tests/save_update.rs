@@ -339,3 +339,48 @@ fn create_snapshot_full_diff_and_compare() {
     assert!(lazy.block("pc.ram").unwrap().mapping().as_slice() == ram.as_slice());
     assert_eq!(inspect(&path, 0).unwrap().blocks.len(), 1);
 }
+
+/// An empty device state is "no device state" (a bare `QEMU_VM_EOF`), with or without page
+/// checksums: before, it wrote a file that ended right after RAM END, which `inspect` and
+/// `restore` rejected.
+#[test]
+fn an_empty_device_state_writes_a_loadable_file() {
+    use mapped_ram_linux::{read_device_state, save, SaveOptions, SaveRegion};
+    let d = dir("empty-device-state");
+    let ram = image(1 << 20, 5);
+    for checksums in [false, true] {
+        let path = d.join(format!("s-{checksums}.mr"));
+        let opts = SaveOptions {
+            checksums,
+            device_state: Some(Vec::new()),
+            fsync: false,
+            ..SaveOptions::default()
+        };
+        save(
+            &path,
+            &[SaveRegion {
+                name: "pc.ram",
+                memory: &ram,
+                page_size: PS as u64,
+            }],
+            &opts,
+            None,
+        )
+        .unwrap();
+        inspect(&path, 0).unwrap_or_else(|e| panic!("checksums {checksums}: {e}"));
+        assert_eq!(read_device_state(&path, 0).unwrap(), [0u8], "QEMU_VM_EOF");
+        let mut back = vec![0u8; ram.len()];
+        restore(
+            &path,
+            &mut [RestoreRegion {
+                name: "pc.ram",
+                memory: &mut back,
+                page_size: PS as u64,
+            }],
+            &RestoreOptions::default(),
+            None,
+        )
+        .unwrap();
+        assert!(back == ram);
+    }
+}
