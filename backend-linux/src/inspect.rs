@@ -323,8 +323,17 @@ pub fn inspect(path: &Path, offset: u64) -> Result<SnapshotInfo, FormatError> {
 /// loads into a guest of the same shape.
 pub fn read_device_state(path: &Path, offset: u64) -> Result<Vec<u8>, FormatError> {
     let snap = open_snapshot(path, offset)?;
-    let start = snap.info.device_state_offset;
-    let len = snap.info.device_state_end().saturating_sub(start);
+    device_state_of(snap.fd.as_fd(), path, &snap.info)
+}
+
+/// The device state of the validated snapshot open on `fd` (see [`read_device_state`]).
+pub(crate) fn device_state_of(
+    fd: BorrowedFd<'_>,
+    path: &Path,
+    info: &SnapshotInfo,
+) -> Result<Vec<u8>, FormatError> {
+    let start = info.device_state_offset;
+    let len = info.device_state_end().saturating_sub(start);
     let fail = |e| IoFailure::new(Op::ReadDeviceState, path, Some(start), e);
     let mut buf = Vec::new();
     usize::try_from(len)
@@ -337,7 +346,7 @@ pub fn read_device_state(path: &Path, offset: u64) -> Result<Vec<u8>, FormatErro
                 format!("{len} bytes of device state do not fit in memory (stream them with DeviceStateReader)"),
             ))
         })?;
-    file::read_exact_at(snap.fd.as_fd(), &mut buf, start).map_err(fail)?;
+    file::read_exact_at(fd, &mut buf, start).map_err(fail)?;
     Ok(buf)
 }
 

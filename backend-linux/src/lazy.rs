@@ -69,6 +69,9 @@ pub struct LazyOptions {
     pub max_zero_maps: usize,
     /// Threads that read clear pages holding data to find stale bytes.
     pub threads: usize,
+    /// Also read the snapshot's device state into [`LazyRestore::device_state`], from the same
+    /// open file as the mappings.
+    pub read_device_state: bool,
     /// Start reading every block's pages in the background right away
     /// (`madvise(MADV_WILLNEED)`), so that first touches find them in the page cache.
     pub prefetch: bool,
@@ -81,6 +84,7 @@ impl Default for LazyOptions {
             max_zero_maps: DEFAULT_MAX_ZERO_MAPS,
             threads: default_channels(),
             prefetch: false,
+            read_device_state: false,
         }
     }
 }
@@ -159,6 +163,8 @@ pub struct LazyRestore {
     pub blocks: Vec<LazyBlock>,
     /// What was done.
     pub report: LazyReport,
+    /// The device state, when [`LazyOptions::read_device_state`] asked for it.
+    pub device_state: Option<Vec<u8>>,
 }
 
 impl LazyRestore {
@@ -282,8 +288,21 @@ pub fn restore_lazy(
             mapping,
         });
     }
+    let device_state = if opts.read_device_state {
+        Some(crate::inspect::device_state_of(
+            snap.fd.as_fd(),
+            path,
+            info,
+        )?)
+    } else {
+        None
+    };
     report.seconds = started.elapsed().as_secs_f64();
-    Ok(LazyRestore { blocks, report })
+    Ok(LazyRestore {
+        blocks,
+        report,
+        device_state,
+    })
 }
 
 /// The data segments of `range` of the file (absolute offsets), rounded outward to

@@ -70,6 +70,10 @@ pub struct RestoreOptions {
     /// `MADV_POPULATE_WRITE` call per chunk (in the channel threads, so in parallel) instead of
     /// one page fault per page during the reads (see [`crate::sys::populate_write`]).
     pub populate: bool,
+    /// Also read the snapshot's device state (the bytes after the RAM END section) into
+    /// [`RestoreReport::device_state`] — from the same open file as the pages, before any page
+    /// is read, so RAM and device state always come from one snapshot.
+    pub read_device_state: bool,
     /// Cancellation handle.
     pub cancel: Option<Cancel>,
 }
@@ -85,6 +89,7 @@ impl Default for RestoreOptions {
             max_gap_pages: DEFAULT_READ_GAP_PAGES,
             verify_checksums: false,
             populate: true,
+            read_device_state: false,
             cancel: None,
         }
     }
@@ -120,6 +125,8 @@ pub struct RestoreReport {
     pub machine: String,
     /// Whether every page read was checked against its stored checksum.
     pub checksums_verified: bool,
+    /// The device state, when [`RestoreOptions::read_device_state`] asked for it.
+    pub device_state: Option<Vec<u8>>,
 }
 
 impl RestoreReport {
@@ -272,6 +279,11 @@ fn restore_engine<'o>(
         }
         _ => None,
     };
+    let device_state = if opts.read_device_state {
+        Some(crate::inspect::device_state_of(main, path, info)?)
+    } else {
+        None
+    };
     let probe = crate::writer::probe_offset(&layouts, page_size);
     let (channels, direct, fallback) = open(probe)?;
     let files = FileChannels::new(channels.fds(), direct, opts.chunk_bytes);
@@ -370,6 +382,7 @@ fn restore_engine<'o>(
         channels: opts.channels,
         machine: info.machine.clone(),
         checksums_verified: tables.is_some(),
+        device_state,
     })
 }
 

@@ -77,11 +77,15 @@ fn restore_reads_one_snapshot_when_another_is_renamed_over_it() {
             page_size: 4096,
         }]
     };
-    save(&target, &region(&a), &opts(4), None).unwrap();
-    save(&other, &region(&b), &opts(4), None).unwrap();
+    // Each snapshot carries its own device state (a VMM's blob): RAM and device state must
+    // come from the same one.
+    let with_state = |state: &[u8]| SaveOptions {
+        device_state: Some(state.to_vec()),
+        ..opts(4)
+    };
     for channels in [1, 4, 8] {
-        save(&target, &region(&a), &opts(4), None).unwrap();
-        save(&other, &region(&b), &opts(4), None).unwrap();
+        save(&target, &region(&a), &with_state(b"registers of A"), None).unwrap();
+        save(&other, &region(&b), &with_state(b"registers of B"), None).unwrap();
         *SCENE.lock().unwrap() = Some((other.clone(), target.clone()));
         // The first open is the snapshot's main descriptor; the channels' come next (with
         // O_DIRECT, or without where it is refused). Right before the first channel opens,
@@ -109,6 +113,7 @@ fn restore_reads_one_snapshot_when_another_is_renamed_over_it() {
             }],
             &RestoreOptions {
                 channels,
+                read_device_state: true,
                 ..RestoreOptions::default()
             },
             None,

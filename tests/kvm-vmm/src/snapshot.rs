@@ -96,6 +96,7 @@ pub fn restore_copy(path: &Path) -> Result<Restored, Error> {
     let mut ram = GuestRam::anonymous(usize::try_from(block.layout.length)?)?;
     let opts = mr::RestoreOptions {
         memory_is_zeroed: true,
+        read_device_state: true,
         ..Default::default()
     };
     let mut regions = [mr::RestoreRegion {
@@ -103,11 +104,15 @@ pub fn restore_copy(path: &Path) -> Result<Restored, Error> {
         memory: ram.bytes_mut(),
         page_size: PAGE,
     }];
-    mr::restore(path, &mut regions, &opts, None)?;
+    // RAM and device state from the one open file: a snapshot renamed over the path
+    // meanwhile cannot pair one guest's RAM with another's registers.
+    let report = mr::restore(path, &mut regions, &opts, None)?;
     let seconds = t.elapsed().as_secs_f64();
     Ok(Restored {
         ram,
-        device_state: mr::read_device_state(path, 0)?,
+        device_state: report
+            .device_state
+            .ok_or("the restore returned no device state")?,
         seconds,
     })
 }
@@ -115,7 +120,15 @@ pub fn restore_copy(path: &Path) -> Result<Restored, Error> {
 /// Lazy restore: the snapshot's pages mapped privately (`MAP_PRIVATE`), read on first touch.
 pub fn restore_lazy(path: &Path) -> Result<Restored, Error> {
     let t = std::time::Instant::now();
-    let mut lazy = mr::restore_lazy(path, &[BLOCK], &mr::LazyOptions::default())?;
+    let opts = mr::LazyOptions {
+        read_device_state: true,
+        ..Default::default()
+    };
+    let mut lazy = mr::restore_lazy(path, &[BLOCK], &opts)?;
+    let device_state = lazy
+        .device_state
+        .take()
+        .ok_or("the lazy restore returned no device state")?;
     let mapping = lazy
         .blocks
         .pop()
@@ -128,7 +141,7 @@ pub fn restore_lazy(path: &Path) -> Result<Restored, Error> {
     let ram = unsafe { GuestRam::from_owner(Box::new(mapping), ptr, len) };
     Ok(Restored {
         ram,
-        device_state: mr::read_device_state(path, 0)?,
+        device_state,
         seconds,
     })
 }
