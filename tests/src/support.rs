@@ -1,6 +1,6 @@
 //! Small helpers shared by the integration tests.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// The `mapped-ram` binary built beside the running test executable
 /// (`target/<profile>/deps/<test>` → `target/<profile>/mapped-ram`), if it was built.
@@ -41,4 +41,14 @@ pub fn cannot_run(test: &str, why: &str) {
         panic!("{test} cannot run: {why} (set {ALLOW_SKIP_ENV}={test} to skip it)");
     }
     eprintln!("SKIPPED ({test}, allowed by {ALLOW_SKIP_ENV}): {why}");
+}
+
+/// A fresh, empty scratch directory `<tmpdir>/<name>-<pid>` on the disk file system of the
+/// target directory (ext4 here, not tmpfs). Pass `env!("CARGO_TARGET_TMPDIR")` as `tmpdir`
+/// (only integration tests have it).
+pub fn scratch_dir(tmpdir: &str, name: &str) -> PathBuf {
+    let dir = Path::new(tmpdir).join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    dir
 }

@@ -33,11 +33,7 @@ const EOPNOTSUPP: i32 = 95;
 
 /// A scratch directory on the disk file system of the target directory (ext4 here).
 fn disk_dir(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("faults-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    mapped_ram_tests::support::scratch_dir(env!("CARGO_TARGET_TMPDIR"), &format!("faults-{name}"))
 }
 
 /// The guest: two blocks of different sizes, scattered zero pages, and in the first block one

@@ -32,11 +32,7 @@ const RAM: usize = 2 << 20;
 const BIOS: usize = 128 << 10;
 
 fn scratch(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("hostile-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    mapped_ram_tests::support::scratch_dir(env!("CARGO_TARGET_TMPDIR"), &format!("hostile-{name}"))
 }
 
 struct Original {

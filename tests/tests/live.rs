@@ -29,10 +29,7 @@ const PS: u64 = PAGE_SIZE as u64;
 
 /// A directory on the real disk (never tmpfs), so direct-io and hole punching are exercised.
 fn disk_dir(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    mapped_ram_tests::support::scratch_dir(env!("CARGO_TARGET_TMPDIR"), name)
 }
 
 struct Rng(u64);

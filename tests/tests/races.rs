@@ -13,7 +13,7 @@
 //!   whatever `/proc` says (class 8).
 
 use std::os::fd::AsFd;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Mutex;
 
 use mapped_ram_linux::fault::{self, Fault, FaultKind};
@@ -26,11 +26,7 @@ use mapped_ram_tests::image::fill_pattern;
 const MIB: usize = 1 << 20;
 
 fn scratch(name: &str) -> PathBuf {
-    let dir =
-        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("race-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    mapped_ram_tests::support::scratch_dir(env!("CARGO_TARGET_TMPDIR"), &format!("race-{name}"))
 }
 
 fn image(len: usize, seed: u64) -> Vec<u8> {

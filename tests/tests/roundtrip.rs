@@ -3,7 +3,7 @@
 //! multi-block × with and without an `offset=` prefix.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use mapped_ram_linux::{
     restore, save, Cancel, DirectIo, RestoreOptions, RestoreRegion, SaveError, SaveOptions,
@@ -13,10 +13,7 @@ use mapped_ram_tests::image::{fill_pattern, first_differing_page};
 
 /// A directory on the real disk (never tmpfs): the cargo target directory.
 fn disk_dir(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    mapped_ram_tests::support::scratch_dir(env!("CARGO_TARGET_TMPDIR"), name)
 }
 
 /// Page-aligned guest memory, as a VMM would have (anonymous mmap via a large Vec is page
