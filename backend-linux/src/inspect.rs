@@ -28,6 +28,10 @@ pub struct BlockInfo {
     pub gpa: Option<u64>,
     /// The page bitmap as `u64` words (bit set = page stored in the file).
     pub bitmap: Vec<u64>,
+    /// The guest physical address ranges the block backs, as the saving VMM recorded them
+    /// ([`crate::SaveOptions::guest_ranges`]; empty when none were recorded — QEMU's files,
+    /// ours without checksums).
+    pub guest_ranges: Vec<std::ops::Range<u64>>,
 }
 
 impl BlockInfo {
@@ -84,6 +88,11 @@ pub struct SnapshotInfo {
     /// Where the page checksums are, for a file that has them (checked: records and
     /// metadata checksum match; see [`crate::integrity`]).
     pub integrity: Option<Integrity>,
+    /// Whether the saver gave a device state: `Some(false)` for a file saved without one (its
+    /// stream then ends with a bare `QEMU_VM_EOF`, and [`read_device_state`] returns no
+    /// bytes), `Some(true)` with one, `None` where the file does not say (QEMU's files, ours
+    /// without checksums: the device state is then whatever follows RAM END).
+    pub device_state_given: Option<bool>,
 }
 
 impl SnapshotInfo {
@@ -109,9 +118,14 @@ impl SnapshotInfo {
 
     /// End of the device state: the start of the checksum table, or the end of the file.
     pub fn device_state_end(&self) -> u64 {
-        self.integrity
-            .map(|i| i.record.table_offset)
-            .unwrap_or(self.file_size)
+        match self.integrity {
+            Some(Integrity {
+                extension: Some((at, _)),
+                ..
+            }) => at,
+            Some(i) => i.record.table_offset,
+            None => self.file_size,
+        }
     }
 }
 
@@ -234,6 +248,7 @@ pub(crate) fn read_structure(
             layout,
             gpa: rec.gpa,
             bitmap: Vec::new(),
+            guest_ranges: Vec::new(),
         });
     }
     let tail: Tail = dec.finish().map_err(|e| stream_error(path, e))?;
@@ -297,6 +312,24 @@ pub(crate) fn read_structure(
         .filter_map(|c| c.qemu_name())
         .map(str::to_string)
         .collect();
+    let mut device_state_given = None;
+    if let Some((at, len)) = integrity.and_then(|i| i.extension) {
+        // Bounded: the extension lies inside the file (checked by `locate`).
+        let mut body = vec![0u8; len as usize];
+        file::read_exact_at(fd, &mut body, at)
+            .map_err(|e| IoFailure::new(Op::ReadStream, path, Some(at), e))?;
+        let ext = integrity::Extension::decode(&body, blocks.len()).ok_or_else(|| {
+            FormatError::Integrity {
+                path: path.to_path_buf(),
+                offset: at,
+                message: "the extension record is malformed".into(),
+            }
+        })?;
+        device_state_given = Some(ext.device_state_given);
+        for (block, ranges) in blocks.iter_mut().zip(ext.guest_ranges) {
+            block.guest_ranges = ranges;
+        }
+    }
     Ok(SnapshotInfo {
         path: path.to_path_buf(),
         offset,
@@ -309,6 +342,7 @@ pub(crate) fn read_structure(
         device_stream_start: tail.device_stream_start,
         device_state_offset: tail.device_state_offset,
         integrity,
+        device_state_given,
     })
 }
 
@@ -332,6 +366,9 @@ pub(crate) fn device_state_of(
     path: &Path,
     info: &SnapshotInfo,
 ) -> Result<Vec<u8>, FormatError> {
+    if info.device_state_given == Some(false) {
+        return Ok(Vec::new());
+    }
     let start = info.device_state_offset;
     let len = info.device_state_end().saturating_sub(start);
     let fail = |e| IoFailure::new(Op::ReadDeviceState, path, Some(start), e);
@@ -376,10 +413,15 @@ impl DeviceStateReader {
     pub fn open(path: &Path, offset: u64) -> Result<Self, FormatError> {
         let snap = open_snapshot(path, offset)?;
         let start = snap.info.device_state_offset;
+        let len = if snap.info.device_state_given == Some(false) {
+            0
+        } else {
+            snap.info.device_state_end().saturating_sub(start)
+        };
         Ok(DeviceStateReader {
             fd: snap.fd,
             start,
-            len: snap.info.device_state_end().saturating_sub(start),
+            len,
             pos: 0,
         })
     }

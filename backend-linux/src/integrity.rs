@@ -13,8 +13,15 @@
 //!
 //! ```text
 //! [offset prefix][stream head][block record+header][bitmap][ANCHOR][zero padding][pages]...
-//!     ...[RAM EOS, RAM END, device state or EOF][CHECKSUM TABLE][FOOTER]
+//!     ...[RAM EOS, RAM END, device state or EOF][EXTENSION][CHECKSUM TABLE][FOOTER]
 //! ```
+//!
+//! The **extension** (record flag [`FLAG_EXTENSION`], files written since the one-engine
+//! rework) holds what a VMM needs besides RAM: whether a device state was given at all (so
+//! "none" and a one-byte state differ) and each block's guest physical address ranges. It ends
+//! with a 16-byte trailer (body length, version 1, magic `MRAMEXT1`) right before the table; it
+//! lies inside the last metadata range, so the metadata checksum covers it. QEMU stops reading
+//! at `QEMU_VM_EOF` and never sees it.
 //!
 //! * The **anchor** is a 64-byte [`Record`] at the end of the page bitmap of the first block
 //!   whose padding (between its bitmap's end and its 1 MiB-aligned `pages_offset`) has room for
@@ -72,8 +79,8 @@ use crate::error::{FormatError, IoFailure, Op};
 use crate::file;
 
 pub use mapped_ram_core::integrity::{
-    anchor_offset, table_len, Record, ALGORITHM_CRC32C, ENTRY_LEN, FLAG_CLEAN_ZERO, MAGIC,
-    RECORD_LEN, VERSION,
+    anchor_offset, table_len, ExtensionTrailer, Record, ALGORITHM_CRC32C, ENTRY_LEN,
+    EXTENSION_TRAILER_LEN, FLAG_CLEAN_ZERO, FLAG_EXTENSION, MAGIC, RECORD_LEN, VERSION,
 };
 
 /// The checksum of one stored page: CRC-32C over its bytes followed by its index within the
@@ -103,6 +110,9 @@ pub struct Integrity {
     pub footer_offset: u64,
     /// The record (anchor and footer are identical).
     pub record: Record,
+    /// Where the extension's body is (offset, length), when the record's flags say there is
+    /// one ([`FLAG_EXTENSION`]): it ends, with its 16-byte trailer, at the checksum table.
+    pub extension: Option<(u64, u64)>,
 }
 
 /// The metadata ranges of a file, in checksum order (see the module docs).
@@ -296,10 +306,44 @@ pub(crate) fn locate(
             ),
         );
     }
+    let extension = if record.flags & FLAG_EXTENSION != 0 {
+        let trailer_at = record
+            .table_offset
+            .checked_sub(EXTENSION_TRAILER_LEN)
+            .filter(|at| *at >= s.device_state_offset);
+        let Some(trailer_at) = trailer_at else {
+            return bad(
+                record.table_offset,
+                "the extension's trailer does not fit before the checksum table".into(),
+            );
+        };
+        let mut b = [0u8; 16];
+        file::read_exact_at(fd, &mut b, trailer_at)
+            .map_err(|e| IoFailure::new(Op::ReadStream, path, Some(trailer_at), e))?;
+        let Some(t) = ExtensionTrailer::decode(&b) else {
+            return bad(trailer_at, "the extension's trailer is damaged".into());
+        };
+        let body_len = u64::from(t.body_len);
+        match trailer_at
+            .checked_sub(body_len)
+            .filter(|at| *at >= s.device_state_offset)
+        {
+            Some(at) => Some((at, body_len)),
+            None => {
+                return bad(
+                    trailer_at,
+                    format!("the extension ({body_len} bytes) reaches before the device state"),
+                )
+            }
+        }
+    } else {
+        None
+    };
     Ok(Some(Integrity {
         anchor_offset: anchor_at,
         footer_offset: footer_at,
         record,
+        extension,
     }))
 }
 
@@ -310,6 +354,8 @@ pub(crate) struct Place {
     pub table_offset: u64,
     pub table_len: u64,
     pub file_size: u64,
+    /// The record's flags ([`FLAG_EXTENSION`], ...).
+    pub flags: u32,
 }
 
 /// The stream's shape, for the metadata ranges.
@@ -387,7 +433,7 @@ pub(crate) fn write(
         blocks: u32::try_from(layouts.len()).unwrap_or(u32::MAX),
         metadata_crc,
         table_crc,
-        flags: 0,
+        flags: place.flags,
     };
     let record = encode(&record);
     let footer = place.file_size - RECORD_LEN;
@@ -395,6 +441,79 @@ pub(crate) fn write(
         file::write_all_at(fd, &record, offset, Op::WriteChecksums).map_err(io(offset))?;
     }
     Ok(())
+}
+
+/// What the extension records (see [`FLAG_EXTENSION`]). Body, little-endian: `u8` device
+/// state given (0 or 1); `u32` block count; per block in file order `u32` range count, then
+/// `u64` start and `u64` length of each guest physical address range.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Extension {
+    pub device_state_given: bool,
+    pub guest_ranges: Vec<Vec<std::ops::Range<u64>>>,
+}
+
+impl Extension {
+    /// The body and its trailer.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = vec![u8::from(self.device_state_given)];
+        b.extend_from_slice(&(self.guest_ranges.len() as u32).to_le_bytes());
+        for ranges in &self.guest_ranges {
+            b.extend_from_slice(&(ranges.len() as u32).to_le_bytes());
+            for r in ranges {
+                b.extend_from_slice(&r.start.to_le_bytes());
+                b.extend_from_slice(&(r.end - r.start).to_le_bytes());
+            }
+        }
+        let trailer = ExtensionTrailer {
+            body_len: b.len() as u32,
+        };
+        b.extend_from_slice(&trailer.encode());
+        b
+    }
+
+    /// Parses a body for `blocks` blocks; `None` if it is malformed.
+    pub fn decode(body: &[u8], blocks: usize) -> Option<Self> {
+        let mut at = 0usize;
+        let mut take = |n: usize| {
+            let s = body.get(at..at.checked_add(n)?)?;
+            at += n;
+            Some(s)
+        };
+        let given = match take(1)?[0] {
+            0 => false,
+            1 => true,
+            _ => return None,
+        };
+        let u32_of = |s: &[u8]| u32::from_le_bytes([s[0], s[1], s[2], s[3]]);
+        let u64_of = |s: &[u8]| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(s);
+            u64::from_le_bytes(w)
+        };
+        let count = u32_of(take(4)?) as usize;
+        if count != blocks {
+            return None;
+        }
+        let mut guest_ranges = Vec::with_capacity(count.min(crate::MAX_BLOCKS));
+        for _ in 0..count {
+            let n = u32_of(take(4)?) as usize;
+            // Every range takes 16 bytes of the body: a count beyond it is malformed.
+            if n > body.len() / 16 {
+                return None;
+            }
+            let mut ranges = Vec::with_capacity(n);
+            for _ in 0..n {
+                let start = u64_of(take(8)?);
+                let len = u64_of(take(8)?);
+                ranges.push(start..start.checked_add(len)?);
+            }
+            guest_ranges.push(ranges);
+        }
+        (at == body.len()).then_some(Self {
+            device_state_given: given,
+            guest_ranges,
+        })
+    }
 }
 
 /// Reads and checks the checksum table: one `Vec<u32>` per block in file order (empty for a

@@ -87,8 +87,8 @@ pub use restore::{
     restore, restore_from_fds, RestoreOptions, RestoreRegion, RestoreReport, DEFAULT_READ_GAP_PAGES,
 };
 pub use save::{
-    default_channels, save, save_memory, save_to_fds, SaveOptions, SaveRegion, SaveReport,
-    ZeroPages, PUNCH_MIN_PAGES, RAM_SECTION_ID,
+    default_channels, save, save_memory, save_to_fds, GuestRanges, SaveOptions, SaveRegion,
+    SaveReport, ZeroPages, PUNCH_MIN_PAGES, RAM_SECTION_ID,
 };
 pub use snapshot::{
     create_snapshot, restore_snapshot, Region, RestoreMode, Restored, SnapshotType,

@@ -102,8 +102,23 @@ pub struct SaveOptions {
     /// [`max_gap_pages`](Self::max_gap_pages) `0` — the policy that asks for a hole under every
     /// zero page (so that a [lazy restore](crate::lazy) maps it without reading it).
     pub preallocate: bool,
+    /// The guest physical address ranges each block backs (a VMM's memory map, e.g. QEMU's
+    /// `pc.ram` below and above the 32-bit PCI hole), recorded with the page checksums (where
+    /// QEMU does not look) and returned by [`crate::inspect()`] as
+    /// [`crate::BlockInfo::guest_ranges`]. Blocks not listed record none. An update keeps the
+    /// snapshot's ranges unless new ones are given.
+    pub guest_ranges: Vec<GuestRanges>,
     /// Cancellation handle.
     pub cancel: Option<Cancel>,
+}
+
+/// The guest physical address ranges of one block (see [`SaveOptions::guest_ranges`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestRanges {
+    /// The block's name.
+    pub block: String,
+    /// Its ranges, in the order the block's bytes back them.
+    pub ranges: Vec<std::ops::Range<u64>>,
 }
 
 /// Shortest run of zero pages that [`SaveOptions::preallocate`] punches back out of the file.
@@ -124,6 +139,7 @@ impl Default for SaveOptions {
             max_gap_pages: policy.max_gap_pages,
             checksums: true,
             preallocate: true,
+            guest_ranges: Vec::new(),
             cancel: None,
         }
     }

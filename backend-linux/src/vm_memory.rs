@@ -53,7 +53,7 @@ use crate::live::{
 };
 use crate::mem::vm;
 use crate::restore::{restore, RestoreOptions, RestoreRegion, RestoreReport};
-use crate::save::{SaveOptions, SaveReport};
+use crate::save::{GuestRanges, SaveOptions, SaveReport};
 
 /// Target page size of the guests this module saves: 4 KiB (x86-64, aarch64 with 4 KiB
 /// pages), which is also the granularity of `vm-memory`'s `AtomicBitmap` on such hosts.
@@ -82,7 +82,32 @@ pub fn live_regions<'m, B: Bitmap>(
         .collect())
 }
 
-/// Saves the memory of a paused guest to `path` in one pass (as [`crate::save()`] does).
+/// The guest address range of each region, named `names`, for [`SaveOptions::guest_ranges`].
+fn guest_ranges<B: Bitmap>(mem: &GuestMemoryMmap<B>, names: &[&str]) -> Vec<GuestRanges> {
+    mem.iter()
+        .zip(names)
+        .map(|(r, name)| GuestRanges {
+            block: (*name).into(),
+            ranges: std::iter::once(r.start_addr().0..r.start_addr().0 + r.len()).collect(),
+        })
+        .collect()
+}
+
+/// `opts` with the regions' guest addresses recorded, unless the caller gave ranges.
+fn with_ranges<B: Bitmap>(
+    opts: &SaveOptions,
+    mem: &GuestMemoryMmap<B>,
+    names: &[&str],
+) -> SaveOptions {
+    let mut opts = opts.clone();
+    if opts.guest_ranges.is_empty() {
+        opts.guest_ranges = guest_ranges(mem, names);
+    }
+    opts
+}
+
+/// Saves the memory of a paused guest to `path` in one pass (as [`crate::save()`] does),
+/// recording each region's guest address (see [`crate::BlockInfo::guest_ranges`]).
 pub fn save_guest_memory<B: Bitmap>(
     path: &Path,
     mem: &GuestMemoryMmap<B>,
@@ -90,7 +115,7 @@ pub fn save_guest_memory<B: Bitmap>(
     opts: &SaveOptions,
 ) -> Result<SaveReport, SaveError> {
     let regions = live_regions(mem, names)?;
-    crate::save::save_memory(path, &regions, opts, None)
+    crate::save::save_memory(path, &regions, &with_ranges(opts, mem, names), None)
 }
 
 /// Where a [`VmLiveSave`] learns which pages changed. A VMM says it once, at
@@ -152,7 +177,11 @@ impl<'m> VmLiveSave<'m> {
                 .into());
             }
         }
-        let live = LiveSave::begin(path, &regions, opts)?;
+        let opts = LiveOptions {
+            save: with_ranges(&opts.save, mem, names),
+            ..opts.clone()
+        };
+        let live = LiveSave::begin(path, &regions, &opts)?;
         for region in mem.iter() {
             region_bitmap(region).reset();
         }
@@ -273,6 +302,29 @@ fn sorted_by_address<'a>(layout: &[(&'a str, GuestAddress)]) -> Vec<(&'a str, Gu
     v
 }
 
+/// The guest address of every block that recorded exactly one range.
+fn recorded_layout(
+    info: &crate::SnapshotInfo,
+) -> Result<Vec<(String, GuestAddress)>, RestoreError> {
+    let mut out = Vec::new();
+    for b in &info.blocks {
+        match b.guest_ranges.as_slice() {
+            [] => {}
+            [r] if r.end - r.start == b.layout.length => {
+                out.push((b.name.clone(), GuestAddress(r.start)))
+            }
+            _ => {
+                return Err(RestoreErrorKind::Options(OptionError::GuestMemory(format!(
+                    "block {:?} recorded guest ranges {:?} that are not one region of its {} bytes; give a layout",
+                    b.name, b.guest_ranges, b.layout.length
+                )))
+                .into())
+            }
+        }
+    }
+    Ok(out)
+}
+
 fn collection<B: Bitmap>(
     regions: Vec<GuestRegionMmap<B>>,
 ) -> Result<GuestMemoryMmap<B>, RestoreError> {
@@ -286,14 +338,27 @@ fn collection<B: Bitmap>(
 
 /// Restores the blocks of the snapshot at `path` into newly allocated guest memory: block
 /// `name` at guest address `addr` for each `(name, addr)` of `layout`, sized as in the
-/// snapshot. Blocks the layout does not name are skipped.
+/// snapshot. Blocks the layout does not name are skipped. An empty `layout` means the guest
+/// addresses the snapshot recorded (every block saved by [`VmLiveSave`] or
+/// [`save_guest_memory`]; a block recorded in several ranges cannot be one region and is an
+/// error).
 pub fn restore_guest_memory<B: NewBitmap>(
     path: &Path,
     layout: &[(&str, GuestAddress)],
     opts: &RestoreOptions,
 ) -> Result<(GuestMemoryMmap<B>, RestoreReport), RestoreError> {
     let info = inspect(path, opts.offset)?;
-    let layout = sorted_by_address(layout);
+    let recorded = recorded_layout(&info)?;
+    let layout = if layout.is_empty() {
+        sorted_by_address(
+            &recorded
+                .iter()
+                .map(|(n, a)| (n.as_str(), *a))
+                .collect::<Vec<_>>(),
+        )
+    } else {
+        sorted_by_address(layout)
+    };
     let mut regions = Vec::with_capacity(layout.len());
     for (name, addr) in &layout {
         let block = info.block_for_restore(name)?;

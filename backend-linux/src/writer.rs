@@ -158,6 +158,7 @@ pub(crate) struct Settings {
     pub cancel: Option<Cancel>,
     pub device_state: Option<Vec<u8>>,
     pub preallocate: bool,
+    pub guest_ranges: Vec<crate::save::GuestRanges>,
 }
 
 impl Settings {
@@ -175,6 +176,7 @@ impl Settings {
             cancel: so.cancel.clone(),
             device_state: so.device_state.clone(),
             preallocate: so.preallocate,
+            guest_ranges: so.guest_ranges.clone(),
         }
     }
 }
@@ -202,6 +204,8 @@ pub(crate) struct Writer<'m, 'f> {
     stream: Stream,
     /// Where the anchor record goes, when the file has checksums.
     anchor: Option<u64>,
+    /// What the extension records before this save's changes (an update's snapshot's).
+    extension: integrity::Extension,
     state: State,
     settings: Settings,
     preallocated: bool,
@@ -354,6 +358,10 @@ impl<'m, 'f> Writer<'m, 'f> {
             device_stream_start: plan.device_stream_start,
             stream: Stream::New,
             anchor,
+            extension: integrity::Extension {
+                device_state_given: false,
+                guest_ranges: vec![Vec::new(); plan.layouts.len()],
+            },
             state: State::empty(&plan.layouts, anchor.is_some()),
             settings: Settings::new(so, punch),
             preallocated: false,
@@ -444,6 +452,10 @@ impl<'m, 'f> Writer<'m, 'f> {
                 end: info.device_state_end(),
             },
             anchor: info.integrity.map(|i| i.anchor_offset),
+            extension: integrity::Extension {
+                device_state_given: info.device_state_given.unwrap_or(true),
+                guest_ranges: info.blocks.iter().map(|b| b.guest_ranges.clone()).collect(),
+            },
             state,
             settings: Settings::new(so, punch),
             preallocated: false,
@@ -622,8 +634,31 @@ impl<'m, 'f> Writer<'m, 'f> {
             )?,
             None => 0,
         };
+        // The extension (files with checksums): whether a device state was given, and the
+        // blocks' guest address ranges.
+        let mut ext = self.extension.clone();
+        match (self.stream, given) {
+            (_, Some(ds)) => ext.device_state_given = !ds.is_empty(),
+            (Stream::New, None) => ext.device_state_given = false,
+            (Stream::Kept { .. }, None) => {}
+        }
+        for (ranges, block) in ext.guest_ranges.iter_mut().zip(&self.blocks) {
+            if let Some(g) = self
+                .settings
+                .guest_ranges
+                .iter()
+                .find(|g| g.block == block.name)
+            {
+                ranges.clone_from(&g.ranges);
+            }
+        }
+        let ext_bytes = match self.anchor {
+            Some(_) => ext.encode(),
+            None => Vec::new(),
+        };
+        let table_offset = stream_end + ext_bytes.len() as u64;
         let file_size = match self.anchor {
-            Some(_) => stream_end + table_len + integrity::RECORD_LEN,
+            Some(_) => table_offset + table_len + integrity::RECORD_LEN,
             None => stream_end,
         };
         file::set_len(main, file_size).map_err(io(Op::Truncate, &path, Some(file_size)))?;
@@ -658,11 +693,17 @@ impl<'m, 'f> Writer<'m, 'f> {
             bitmaps.push(words);
         }
         if let (Some(anchor), Some(sums)) = (self.anchor, &self.state.sums) {
+            file::write_all_at(main, &ext_bytes, stream_end, Op::WriteChecksums).map_err(io(
+                Op::WriteChecksums,
+                &path,
+                Some(stream_end),
+            ))?;
             let place = integrity::Place {
                 anchor_offset: anchor,
-                table_offset: stream_end,
+                table_offset,
                 table_len,
                 file_size,
+                flags: integrity::FLAG_EXTENSION,
             };
             let first_record = self
                 .layouts

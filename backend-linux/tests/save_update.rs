@@ -367,8 +367,12 @@ fn an_empty_device_state_writes_a_loadable_file() {
             None,
         )
         .unwrap();
-        inspect(&path, 0).unwrap_or_else(|e| panic!("checksums {checksums}: {e}"));
-        assert_eq!(read_device_state(&path, 0).unwrap(), [0u8], "QEMU_VM_EOF");
+        let info = inspect(&path, 0).unwrap_or_else(|e| panic!("checksums {checksums}: {e}"));
+        // With the records (checksums on) the file says no device state was given; without
+        // them the device state is what follows RAM END: the bare QEMU_VM_EOF.
+        let expected: &[u8] = if checksums { &[] } else { &[0] };
+        assert_eq!(read_device_state(&path, 0).unwrap(), expected);
+        assert_eq!(info.device_state_given, checksums.then_some(false));
         let mut back = vec![0u8; ram.len()];
         restore(
             &path,
@@ -383,4 +387,83 @@ fn an_empty_device_state_writes_a_loadable_file() {
         .unwrap();
         assert!(back == ram);
     }
+}
+
+/// "No device state" and a one-byte device state are told apart (in files with the records),
+/// and the blocks' guest address ranges are recorded, returned by `inspect`, and kept by an
+/// update that gives none.
+#[test]
+fn device_state_presence_and_guest_ranges_are_recorded() {
+    use mapped_ram_linux::{
+        read_device_state, save, update, Changes, GuestMemory, GuestRanges, LiveRegion,
+        SaveOptions, SaveRegion, UpdateOptions,
+    };
+    let d = dir("extension");
+    let ram = image(2 << 20, 8);
+    let bios = image(64 << 10, 9);
+    let regions = [
+        SaveRegion {
+            name: "pc.ram",
+            memory: &ram,
+            page_size: PS as u64,
+        },
+        SaveRegion {
+            name: "pc.bios",
+            memory: &bios,
+            page_size: PS as u64,
+        },
+    ];
+    // pc.ram below and above a hole, as QEMU's does around the 32-bit PCI window.
+    let ranges = vec![0..(1u64 << 20), (4u64 << 30)..(4u64 << 30) + (1 << 20)];
+    let opts = |state: Option<Vec<u8>>| SaveOptions {
+        device_state: state,
+        fsync: false,
+        guest_ranges: vec![GuestRanges {
+            block: "pc.ram".into(),
+            ranges: ranges.clone(),
+        }],
+        ..SaveOptions::default()
+    };
+    let none = d.join("none.mr");
+    let one = d.join("one.mr");
+    save(&none, &regions, &opts(None), None).unwrap();
+    save(&one, &regions, &opts(Some(vec![0x00])), None).unwrap();
+    assert_eq!(read_device_state(&none, 0).unwrap(), Vec::<u8>::new());
+    assert_eq!(read_device_state(&one, 0).unwrap(), [0x00]);
+    let info = inspect(&one, 0).unwrap();
+    assert_eq!(info.device_state_given, Some(true));
+    assert_eq!(info.blocks[0].guest_ranges, ranges);
+    assert!(info.blocks[1].guest_ranges.is_empty());
+    // An update keeps the recorded ranges and the device state.
+    let mut changed = ram.clone();
+    changed[4096] ^= 1;
+    let live = [
+        LiveRegion {
+            name: "pc.ram",
+            memory: GuestMemory::from_slice(&changed),
+            page_size: PS as u64,
+        },
+        LiveRegion {
+            name: "pc.bios",
+            memory: GuestMemory::from_slice(&bios),
+            page_size: PS as u64,
+        },
+    ];
+    let u = update(&one, &live, Changes::Compare, &UpdateOptions::default()).unwrap();
+    assert_eq!(u.pages_changed, 1);
+    let info = inspect(&one, 0).unwrap();
+    assert_eq!(info.blocks[0].guest_ranges, ranges);
+    assert_eq!(info.device_state_given, Some(true));
+    assert_eq!(read_device_state(&one, 0).unwrap(), [0x00]);
+    // A damaged extension byte is caught by the metadata checksum.
+    let ext = info.integrity.unwrap().extension.unwrap();
+    let mut bytes = std::fs::read(&one).unwrap();
+    bytes[ext.0 as usize + 6] ^= 0x40;
+    let bad = d.join("bad.mr");
+    std::fs::write(&bad, &bytes).unwrap();
+    let err = inspect(&bad, 0).unwrap_err();
+    assert!(
+        err.to_string().contains("metadata checksum mismatch"),
+        "{err}"
+    );
 }

@@ -240,6 +240,11 @@ fn save_and_restore_a_paused_guest() {
     let path = d.join("vm.mr");
     let r = save_guest_memory(&path, &mem, &NAMES, &SaveOptions::default()).unwrap();
     assert_eq!(r.ram_bytes, (4 << 20) as u64);
+    // The regions' guest addresses are recorded: an empty layout restores them there.
+    let (same, _) = restore_guest_memory::<()>(&path, &[], &RestoreOptions::default()).unwrap();
+    let addrs: Vec<u64> = same.iter().map(|r| r.start_addr().0).collect();
+    assert_eq!(addrs, [0, HIGH.0]);
+    assert!(contents(&same) == contents(&mem));
     let (back, _) = restore_guest_memory::<()>(&path, &LAYOUT, &RestoreOptions::default()).unwrap();
     assert!(contents(&back) == contents(&mem));
     // Only the block asked for.

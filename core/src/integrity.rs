@@ -41,6 +41,56 @@ pub const RECORD_LEN: u64 = RECORD_BYTES as u64;
 /// Bytes per page checksum in the table.
 pub const ENTRY_LEN: u64 = 4;
 
+/// [`Record::flags`] bit: an extension ends right before the checksum table (see
+/// [`ExtensionTrailer`]): what else this project records about the snapshot (whether a device
+/// state was given, the blocks' guest physical address ranges). The metadata checksum covers
+/// it (it lies inside the range "stream after the last block's pages up to the table").
+pub const FLAG_EXTENSION: u32 = 2;
+
+/// Magic at the very end of an extension.
+pub const EXTENSION_MAGIC: [u8; 8] = *b"MRAMEXT1";
+/// Size of an [`ExtensionTrailer`].
+pub const EXTENSION_TRAILER_LEN: u64 = 16;
+
+/// The last 16 bytes of an extension: body length (u32 LE), version (u32 LE, 1), magic.
+/// The body comes right before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct ExtensionTrailer {
+    /// Bytes of the body before the trailer.
+    pub body_len: u32,
+}
+
+impl ExtensionTrailer {
+    /// The trailer's bytes.
+    pub fn encode(&self) -> [u8; 16] {
+        let mut b = [0u8; 16];
+        if let Some(d) = b.get_mut(0..4) {
+            d.copy_from_slice(&self.body_len.to_le_bytes());
+        }
+        if let Some(d) = b.get_mut(4..8) {
+            d.copy_from_slice(&1u32.to_le_bytes());
+        }
+        if let Some(d) = b.get_mut(8..16) {
+            d.copy_from_slice(&EXTENSION_MAGIC);
+        }
+        b
+    }
+
+    /// Decodes a trailer; `None` without the magic or with another version.
+    pub fn decode(b: &[u8; 16]) -> Option<Self> {
+        if b.get(8..16) != Some(&EXTENSION_MAGIC[..]) {
+            return None;
+        }
+        let word = |i: usize| {
+            let mut w = [0u8; 4];
+            w.copy_from_slice(b.get(i..i.saturating_add(4))?);
+            Some(u32::from_le_bytes(w))
+        };
+        (word(4)? == 1).then_some(Self { body_len: word(0)? })
+    }
+}
+
 /// [`Record::flags`] bit: every byte under a clear bitmap bit is zero in the file (our writer
 /// wrote zeros there or punched a hole), so a reader may map those pages without checking them.
 pub const FLAG_CLEAN_ZERO: u32 = 1;
