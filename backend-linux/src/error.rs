@@ -318,9 +318,7 @@ pub enum OptionError {
         regions: usize,
     },
     /// A guest memory region's dirty bitmap does not cover its pages.
-    #[error(
-        "the dirty bitmap of the guest region at {address:#x} has {bits} bits for {pages} pages"
-    )]
+    #[error("the guest region at {address:#x} has no dirty bitmap of one bit for each of its {pages} pages ({bits} bits): it cannot tell what changed (use DirtyTracking::VmMemoryAndKvm with KVM's logs)")]
     RegionBitmap {
         /// The region's guest address.
         address: u64,

@@ -37,6 +37,7 @@ use std::fs::File;
 use std::path::Path;
 use std::sync::Arc;
 
+use mapped_ram_core::bitmap::words_for;
 pub use vm_memory;
 use vm_memory::bitmap::{AtomicBitmap, Bitmap, NewBitmap};
 use vm_memory::mmap::MmapRegionBuilder;
@@ -143,38 +144,92 @@ pub struct KvmLog<'d> {
     pub bitmap: &'d [u64],
 }
 
-/// A live save of `vm-memory` guest memory, with `AtomicBitmap` dirty tracking (see the
-/// module docs and [`crate::live`]).
+/// The dirty bitmap types a VMM's `GuestMemoryMmap<B>` may have: `AtomicBitmap` (writes
+/// through `vm-memory` tracked), `Option<AtomicBitmap>` (Firecracker: tracked only when
+/// dirty tracking was turned on), and `()` (nothing tracked: only KVM's logs tell).
+pub trait DirtyBitmap: Bitmap {
+    /// The bitmap's words (one bit per page) for `pages` pages, clearing it; `None` when this
+    /// bitmap tracks nothing.
+    fn take(&self, pages: u64) -> Option<Vec<u64>>;
+    /// Clears it.
+    fn clear(&self);
+    /// Whether it tracks writes, with one bit per page of `pages`.
+    fn tracks(&self, pages: u64) -> bool;
+}
+
+impl DirtyBitmap for AtomicBitmap {
+    fn take(&self, _pages: u64) -> Option<Vec<u64>> {
+        Some(self.get_and_reset())
+    }
+    fn clear(&self) {
+        self.reset();
+    }
+    fn tracks(&self, pages: u64) -> bool {
+        self.len() as u64 == pages
+    }
+}
+
+impl DirtyBitmap for Option<AtomicBitmap> {
+    fn take(&self, pages: u64) -> Option<Vec<u64>> {
+        self.as_ref().and_then(|b| b.take(pages))
+    }
+    fn clear(&self) {
+        if let Some(b) = self {
+            b.reset();
+        }
+    }
+    fn tracks(&self, pages: u64) -> bool {
+        self.as_ref().is_some_and(|b| b.tracks(pages))
+    }
+}
+
+impl DirtyBitmap for () {
+    fn take(&self, _pages: u64) -> Option<Vec<u64>> {
+        None
+    }
+    fn clear(&self) {}
+    fn tracks(&self, _pages: u64) -> bool {
+        false
+    }
+}
+
+/// A live save of `vm-memory` guest memory (see the module docs and [`crate::live`]), for any
+/// of the bitmap types of [`DirtyBitmap`].
 #[derive(Debug)]
-pub struct VmLiveSave<'m> {
+pub struct VmLiveSave<'m, B: DirtyBitmap = AtomicBitmap> {
     live: LiveSave<'m>,
-    mem: &'m GuestMemoryMmap<AtomicBitmap>,
+    mem: &'m GuestMemoryMmap<B>,
     names: Vec<&'m str>,
     tracking: DirtyTracking,
 }
 
-impl<'m> VmLiveSave<'m> {
+impl<'m, B: DirtyBitmap> VmLiveSave<'m, B> {
     /// Starts a live save of `mem` (one block per region, named `names`) to `path`, and clears
     /// the regions' dirty bitmaps: the first pass writes everything, later passes what was
     /// dirtied since the pass before, as `tracking` says.
+    ///
+    /// [`DirtyTracking::VmMemory`] needs bitmaps that track (an `AtomicBitmap` of one bit per
+    /// page, or an `Option<AtomicBitmap>` that is `Some`); with `()` only KVM's logs can tell
+    /// what changed ([`DirtyTracking::VmMemoryAndKvm`]).
     pub fn begin(
         path: &Path,
-        mem: &'m GuestMemoryMmap<AtomicBitmap>,
+        mem: &'m GuestMemoryMmap<B>,
         names: &[&'m str],
         tracking: DirtyTracking,
         opts: &LiveOptions,
     ) -> Result<Self, SaveError> {
         let regions = live_regions(mem, names)?;
-        for region in mem.iter() {
-            let pages = region.len() / PAGE_SIZE;
-            let bitmap = region_bitmap(region);
-            if bitmap.len() as u64 != pages {
-                return Err(OptionError::RegionBitmap {
-                    address: region.start_addr().0,
-                    bits: bitmap.len(),
-                    pages,
+        if tracking == DirtyTracking::VmMemory {
+            for region in mem.iter() {
+                let pages = region.len() / PAGE_SIZE;
+                if !region_bitmap(region).tracks(pages) {
+                    return Err(OptionError::RegionBitmap {
+                        address: region.start_addr().0,
+                        bits: 0,
+                        pages,
+                    }
+                    .into());
                 }
-                .into());
             }
         }
         let opts = LiveOptions {
@@ -183,7 +238,7 @@ impl<'m> VmLiveSave<'m> {
         };
         let live = LiveSave::begin(path, &regions, &opts)?;
         for region in mem.iter() {
-            region_bitmap(region).reset();
+            region_bitmap(region).clear();
         }
         Ok(Self {
             live,
@@ -214,7 +269,10 @@ impl<'m> VmLiveSave<'m> {
         }
         let mut out = Vec::with_capacity(self.mem.num_regions());
         for (region, name) in self.mem.iter().zip(&self.names) {
-            let mut words = region_bitmap(region).get_and_reset();
+            let pages = region.len() / PAGE_SIZE;
+            let mut words = region_bitmap(region)
+                .take(pages)
+                .unwrap_or_else(|| vec![0; words_for(pages) as usize]);
             let logs: Vec<&KvmLog<'_>> = kvm
                 .iter()
                 .filter(|l| l.address == region.start_addr())
@@ -291,8 +349,8 @@ impl<'m> VmLiveSave<'m> {
     }
 }
 
-fn region_bitmap(region: &GuestRegionMmap<AtomicBitmap>) -> &AtomicBitmap {
-    let mapping: &MmapRegion<AtomicBitmap> = region;
+fn region_bitmap<B: Bitmap>(region: &GuestRegionMmap<B>) -> &B {
+    let mapping: &MmapRegion<B> = region;
     mapping.bitmap()
 }
 

@@ -266,3 +266,43 @@ fn save_and_restore_a_paused_guest() {
         "{err}"
     );
 }
+
+/// Guest memory without `vm-memory` dirty bitmaps (`()`, as many VMMs use; Firecracker's
+/// `Option<AtomicBitmap>` as `None` behaves the same): only KVM's logs can say what changed, so a save that
+/// would rely on the bitmaps is refused, and one with KVM's logs works.
+#[test]
+fn guest_memory_without_bitmaps_saves_live_with_kvm_logs() {
+    let d = dir("vm-nobitmap");
+    let path = d.join("vm.mr");
+    let mem =
+        GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20), (HIGH, 1 << 20)]).unwrap();
+    mem.write_obj(7u64, GuestAddress(0x3000)).unwrap();
+    let opts = LiveOptions::default();
+    let err = VmLiveSave::begin(&path, &mem, &NAMES, DirtyTracking::VmMemory, &opts).unwrap_err();
+    assert!(
+        err.to_string().contains("cannot tell what changed"),
+        "{err}"
+    );
+    let mut live =
+        VmLiveSave::begin(&path, &mem, &NAMES, DirtyTracking::VmMemoryAndKvm, &opts).unwrap();
+    let logs = |low: &'static [u64]| {
+        [
+            KvmLog {
+                address: GuestAddress(0),
+                bitmap: low,
+            },
+            KvmLog {
+                address: HIGH,
+                bitmap: &[0; 4],
+            },
+        ]
+    };
+    live.pass(&logs(&[0; 4])).unwrap();
+    mem.write_obj(9u64, GuestAddress(0x5000)).unwrap(); // the "vCPU" writes page 5
+    static PAGE5: [u64; 4] = [1 << 5, 0, 0, 0];
+    let p = live.pass(&logs(&PAGE5)).unwrap();
+    assert_eq!(p.pages_dirty, 1);
+    live.finish(&logs(&[0; 4]), None).unwrap();
+    let (back, _) = restore_guest_memory::<()>(&path, &[], &RestoreOptions::default()).unwrap();
+    assert!(contents(&back) == contents(&mem));
+}
