@@ -141,14 +141,19 @@ fn check_options(
     regions: &[RestoreRegion<'_>],
     opts: &RestoreOptions,
 ) -> Result<u64, RestoreError> {
-    crate::plan::check_options(
-        opts.channels,
-        opts.chunk_bytes,
+    check_specs(
         regions
             .iter()
             .map(|r| (r.name, r.memory.len() as u64, r.page_size)),
+        opts,
     )
-    .map_err(|e| match e {
+}
+
+fn check_specs<'n>(
+    specs: impl Iterator<Item = (&'n str, u64, u64)>,
+    opts: &RestoreOptions,
+) -> Result<u64, RestoreError> {
+    crate::plan::check_options(opts.channels, opts.chunk_bytes, specs).map_err(|e| match e {
         SaveError::Region(r) => RestoreErrorKind::Region(r).into(),
         SaveError::Options(o) => RestoreErrorKind::Options(o).into(),
         other => RestoreErrorKind::Internal(other.to_string()).into(),
@@ -168,8 +173,21 @@ pub fn restore(
     opts: &RestoreOptions,
     progress: Option<ProgressFn<'_>>,
 ) -> Result<RestoreReport, RestoreError> {
+    restore_to(path, Dest::Slices(regions), opts, progress)
+}
+
+/// [`restore()`] into either kind of destination.
+pub(crate) fn restore_to(
+    path: &Path,
+    dest: Dest<'_, '_>,
+    opts: &RestoreOptions,
+    progress: Option<ProgressFn<'_>>,
+) -> Result<RestoreReport, RestoreError> {
     let started = Instant::now();
-    let page_size = check_options(regions, opts)?;
+    let page_size = match &dest {
+        Dest::Slices(regions) => check_options(regions, opts)?,
+        Dest::CopyOut(specs, _) => check_specs(specs.iter().copied(), opts)?,
+    };
     let snap = open_snapshot(path, opts.offset)?;
     let main = snap.fd.as_fd();
     let mut open = |probe: Option<u64>| {
@@ -186,8 +204,8 @@ pub fn restore(
                 ChannelError::Io(f) => RestoreErrorKind::Io(f),
             })
     };
-    restore_engine(
-        &snap.info, main, path, page_size, started, regions, opts, progress, &mut open,
+    run_restore(
+        &snap.info, main, path, page_size, started, dest, opts, progress, &mut open,
     )
 }
 
@@ -233,6 +251,20 @@ impl Channels<'_> {
 type OpenChannels<'o> =
     dyn FnMut(Option<u64>) -> Result<(Channels<'o>, bool, Option<String>), RestoreErrorKind> + 'o;
 
+/// Where restored pages go: the caller's `&mut` memory, or a function that copies a chunk
+/// out (memory the library may only write through the owner's accessors, e.g. `vm-memory`'s
+/// volatile `write_slice`).
+pub(crate) enum Dest<'r, 'm> {
+    Slices(&'r mut [RestoreRegion<'m>]),
+    /// (name, length, page size) per region, and the function that writes `bytes` at `offset`
+    /// of region `region` (used by the `vm-memory` integration).
+    #[cfg_attr(not(feature = "vm-memory"), allow(dead_code))]
+    CopyOut(Vec<(&'r str, u64, u64)>, &'r WriteOut<'r>),
+}
+
+/// Writes `bytes` at `offset` of region `region` (see [`Dest::CopyOut`]).
+pub(crate) type WriteOut<'r> = dyn Fn(usize, u64, &[u8]) -> std::io::Result<()> + Sync + 'r;
+
 #[allow(clippy::too_many_arguments)]
 fn restore_engine<'o>(
     info: &SnapshotInfo,
@@ -242,16 +274,48 @@ fn restore_engine<'o>(
     started: Instant,
     regions: &mut [RestoreRegion<'_>],
     opts: &RestoreOptions,
+    progress: Option<ProgressFn<'_>>,
+    open: &mut OpenChannels<'o>,
+) -> Result<RestoreReport, RestoreError> {
+    run_restore(
+        info,
+        main,
+        path,
+        page_size,
+        started,
+        Dest::Slices(regions),
+        opts,
+        progress,
+        open,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_restore<'o>(
+    info: &SnapshotInfo,
+    main: BorrowedFd<'_>,
+    path: &Path,
+    page_size: u64,
+    started: Instant,
+    dest: Dest<'_, '_>,
+    opts: &RestoreOptions,
     mut progress: Option<ProgressFn<'_>>,
     open: &mut OpenChannels<'o>,
 ) -> Result<RestoreReport, RestoreError> {
+    let specs: Vec<(&str, u64, u64)> = match &dest {
+        Dest::Slices(regions) => regions
+            .iter()
+            .map(|r| (r.name, r.memory.len() as u64, r.page_size))
+            .collect(),
+        Dest::CopyOut(specs, _) => specs.clone(),
+    };
     // Match regions to blocks before touching anything.
     let index = blocks::find_all(
         &info.blocks,
-        regions.iter().map(|r| Wanted {
-            name: r.name,
-            length: Some(r.memory.len() as u64),
-            page_size: Some(r.page_size),
+        specs.iter().map(|&(name, length, page_size)| Wanted {
+            name,
+            length: Some(length),
+            page_size: Some(page_size),
             needs_pages: false,
         }),
     )
@@ -292,17 +356,23 @@ fn restore_engine<'o>(
 
     // Split every region into the chunks the queue hands out, so each channel gets exclusive
     // `&mut` access to the memory of the chunk it claimed — no unsafe sharing needed.
-    let touched: Vec<AtomicBool> = regions.iter().map(|_| AtomicBool::new(false)).collect();
-    let names: Vec<&str> = regions.iter().map(|r| r.name).collect();
-    let slots: Vec<Vec<Mutex<Option<&mut [u8]>>>> = regions
-        .iter_mut()
-        .map(|r| {
-            r.memory
-                .chunks_mut(opts.chunk_bytes as usize)
-                .map(|c| Mutex::new(Some(c)))
-                .collect()
-        })
-        .collect();
+    let touched: Vec<AtomicBool> = specs.iter().map(|_| AtomicBool::new(false)).collect();
+    let names: Vec<&str> = specs.iter().map(|s| s.0).collect();
+    let (slots, write_out): (Slots<'_>, Option<&WriteOut<'_>>) = match dest {
+        Dest::Slices(regions) => (
+            regions
+                .iter_mut()
+                .map(|r| {
+                    r.memory
+                        .chunks_mut(opts.chunk_bytes as usize)
+                        .map(|c| Mutex::new(Some(c)))
+                        .collect()
+                })
+                .collect(),
+            None,
+        ),
+        Dest::CopyOut(_, f) => (Vec::new(), Some(f)),
+    };
     let stored: Vec<BitmapRef<'_>> = chosen.iter().map(|b| b.bitmap_ref()).collect();
     let policy = ReadPolicy {
         max_io: opts.chunk_bytes,
@@ -324,6 +394,7 @@ fn restore_engine<'o>(
         stored: &stored,
         storage,
         slots: &slots,
+        write_out,
         touched: &touched,
         policy: &policy,
         counters: &counters,
@@ -400,6 +471,7 @@ struct RestoreJob<'a, 'm> {
     stored: &'a [BitmapRef<'a>],
     storage: &'a dyn Storage,
     slots: &'a Slots<'m>,
+    write_out: Option<&'a WriteOut<'a>>,
     touched: &'a [AtomicBool],
     policy: &'a ReadPolicy,
     counters: &'a Counters,
@@ -410,12 +482,43 @@ struct RestoreJob<'a, 'm> {
 }
 
 impl Job for RestoreJob<'_, '_> {
-    type Scratch = ();
+    type Scratch = Vec<u8>;
     type Error = RestoreErrorKind;
 
-    fn scratch(&self) {}
+    fn scratch(&self) -> Vec<u8> {
+        match self.write_out {
+            // Aligned enough for O_DIRECT through the storage's bounce buffer either way.
+            Some(_) => vec![0u8; self.chunk_bytes as usize],
+            None => Vec::new(),
+        }
+    }
 
-    fn chunk(&self, ch: usize, _: &mut (), chunk: &Chunk) -> Result<u64, RestoreErrorKind> {
+    fn chunk(
+        &self,
+        ch: usize,
+        scratch: &mut Vec<u8>,
+        chunk: &Chunk,
+    ) -> Result<u64, RestoreErrorKind> {
+        if let Some(write_out) = self.write_out {
+            // The chunk is assembled in the channel's buffer (stored pages read, clear pages
+            // zero), then written out through the owner's accessor in one call.
+            let ps = self.blocks[chunk.block].layout.page_size;
+            let len = (chunk.pages() * ps) as usize;
+            let buf = &mut scratch[..len];
+            self.fill(ch, chunk, buf, false)?;
+            let offset = chunk.start * ps;
+            self.touched[chunk.block].store(true, Ordering::Relaxed);
+            return write_out(chunk.block, offset, buf)
+                .map(|()| len as u64)
+                .map_err(|e| {
+                    RestoreErrorKind::Io(IoFailure::new(
+                        Op::WriteMemory,
+                        "guest memory",
+                        Some(offset),
+                        e,
+                    ))
+                });
+        }
         let block = self.blocks[chunk.block];
         let layout = &block.layout;
         let ps = layout.page_size;
@@ -430,11 +533,29 @@ impl Job for RestoreJob<'_, '_> {
                 chunk.start, block.name
             )));
         };
+        self.fill(ch, chunk, memory, self.zeroed)
+    }
+}
+
+impl RestoreJob<'_, '_> {
+    /// Reads the stored pages of `chunk` into `memory` (the chunk's bytes) and zeroes its
+    /// clear pages (all of them unless `zeroed` says the memory is zero already).
+    fn fill(
+        &self,
+        ch: usize,
+        chunk: &Chunk,
+        memory: &mut [u8],
+        zeroed: bool,
+    ) -> Result<u64, RestoreErrorKind> {
+        let block = self.blocks[chunk.block];
+        let layout = &block.layout;
+        let ps = layout.page_size;
+        let base = chunk.start * ps;
         let stored = &self.stored[chunk.block];
         // Memory that will be written — read into, or zeroed — is faulted in at once. A chunk
         // of only clear pages in memory known to be zero is left alone (never allocated).
         if self.populate
-            && (!self.zeroed
+            && (!zeroed
                 || stored
                     .runs_in(chunk.start..chunk.end, true)
                     .next()
@@ -488,7 +609,7 @@ impl Job for RestoreJob<'_, '_> {
         .map_err(|e| RestoreErrorKind::Internal(e.to_string()))?;
         result?;
         // Pages with a clear bit read as zero — also where a gap read brought in stale bytes.
-        if !self.zeroed || read_any {
+        if !zeroed || read_any {
             for run in stored.runs_in(chunk.start..chunk.end, false) {
                 touched.store(true, Ordering::Relaxed);
                 let from = ((run.start - chunk.start) * ps) as usize;

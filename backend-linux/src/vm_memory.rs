@@ -41,6 +41,7 @@ use mapped_ram_core::bitmap::words_for;
 pub use vm_memory;
 use vm_memory::bitmap::{AtomicBitmap, Bitmap, NewBitmap};
 use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{Address, Bytes};
 use vm_memory::{
     FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
     GuestRegionMmap, MmapRegion,
@@ -454,6 +455,49 @@ pub fn restore_guest_memory<B: NewBitmap>(
     };
     let mem = collection(regions.into_iter().map(|(r, _)| r).collect())?;
     Ok((mem, report))
+}
+
+/// Restores the blocks of the snapshot at `path` into the VMM's existing guest memory `mem`
+/// (memfd, hugetlbfs, any bitmap type), without `unsafe` on either side: block `name` goes
+/// to guest address `addr` for each `(name, addr)` of `layout` (an empty `layout`: the
+/// addresses the snapshot recorded). Each chunk is assembled in a channel's buffer and written
+/// with `vm-memory`'s own volatile `write_slice` (which also marks the pages dirty in `mem`'s
+/// bitmap). The VMM keeps its vCPUs stopped while it runs.
+pub fn restore_into_guest_memory<B: Bitmap + Send + Sync>(
+    path: &Path,
+    mem: &GuestMemoryMmap<B>,
+    layout: &[(&str, GuestAddress)],
+    opts: &RestoreOptions,
+) -> Result<RestoreReport, RestoreError> {
+    let info = inspect(path, opts.offset)?;
+    let recorded = recorded_layout(&info)?;
+    let layout: Vec<(&str, GuestAddress)> = if layout.is_empty() {
+        recorded.iter().map(|(n, a)| (n.as_str(), *a)).collect()
+    } else {
+        layout.to_vec()
+    };
+    let mut specs = Vec::with_capacity(layout.len());
+    for (name, _) in &layout {
+        let block = info.block_for_restore(name)?;
+        specs.push((*name, block.layout.length, block.layout.page_size));
+    }
+    let write = |region: usize, offset: u64, bytes: &[u8]| -> std::io::Result<()> {
+        let (_, base) = layout[region];
+        let addr = base
+            .checked_add(offset)
+            .ok_or_else(|| std::io::Error::other("guest address overflows"))?;
+        mem.write_slice(bytes, addr)
+            .map_err(|e| std::io::Error::other(format!("guest memory at {:#x}: {e}", addr.0)))
+    };
+    crate::restore::restore_to(
+        path,
+        crate::restore::Dest::CopyOut(specs, &write),
+        &RestoreOptions {
+            memory_is_zeroed: false,
+            ..opts.clone()
+        },
+        None,
+    )
 }
 
 /// A `vm-memory` region being fixed up by a lazy restore.

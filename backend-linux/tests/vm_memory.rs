@@ -306,3 +306,41 @@ fn guest_memory_without_bitmaps_saves_live_with_kvm_logs() {
     let (back, _) = restore_guest_memory::<()>(&path, &[], &RestoreOptions::default()).unwrap();
     assert!(contents(&back) == contents(&mem));
 }
+
+/// A restore into the VMM's own, existing guest memory (any bitmap type), with no `unsafe` in
+/// the VMM: stale contents are overwritten, clear pages become zero, and the addresses the
+/// snapshot recorded are used when no layout is given.
+#[test]
+fn restore_into_existing_guest_memory() {
+    use mapped_ram_linux::vm_memory::restore_into_guest_memory;
+    let d = dir("vm-into");
+    let path = d.join("vm.mr");
+    let mem = guest(4);
+    save_guest_memory(&path, &mem, &NAMES, &SaveOptions::default()).unwrap();
+    let target =
+        GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 4 << 20), (HIGH, 1 << 20)]).unwrap();
+    // Old contents everywhere, zero pages of the snapshot included.
+    for page in 0..(4u64 << 8) {
+        target
+            .write_obj(0x5555_5555u64, GuestAddress(page << 12))
+            .unwrap();
+    }
+    let r = restore_into_guest_memory(&path, &target, &[], &RestoreOptions::default()).unwrap();
+    assert_eq!(r.blocks_restored.len(), 2);
+    assert!(
+        contents(&target) == contents(&mem),
+        "identical, clear pages zeroed"
+    );
+    // An unknown block in the layout: an error, memory untouched by it.
+    let err = restore_into_guest_memory(
+        &path,
+        &target,
+        &[("nope", GuestAddress(0))],
+        &RestoreOptions::default(),
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("\"nope\" is not in the snapshot"),
+        "{err}"
+    );
+}
