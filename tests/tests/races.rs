@@ -375,3 +375,80 @@ fn a_live_saves_temporary_survives_another_save_of_the_same_target() {
     assert_eq!(report.stale_temporaries_removed, vec![stale.clone()]);
     assert!(!stale.exists());
 }
+
+/// `finish_pass` ends the guest's downtime before durability: when it returns the file is
+/// complete but the previous snapshot is still at the path (nothing synced or renamed yet);
+/// `commit` then puts the new one there. Dropping a finished save keeps the previous one.
+#[test]
+fn finish_pass_returns_before_the_commit() {
+    let dir = scratch("finish-pass");
+    let target = dir.join("snap.mr");
+    let old = image(4 * MIB, 10);
+    let new = image(4 * MIB, 11);
+    save(
+        &target,
+        &[SaveRegion {
+            name: "pc.ram",
+            memory: &old,
+            page_size: 4096,
+        }],
+        &opts(2),
+        None,
+    )
+    .unwrap();
+    let before = std::fs::read(&target).unwrap();
+    let regions = [LiveRegion {
+        name: "pc.ram",
+        memory: GuestMemory::from_slice(&new),
+        page_size: 4096,
+    }];
+    let zero = [0u64; 16];
+    let log = [mapped_ram_linux::DirtyLog::new("pc.ram", &zero)];
+    for commit in [false, true] {
+        let mut live = LiveSave::begin(
+            &target,
+            &regions,
+            &LiveOptions {
+                save: opts(2),
+                ..LiveOptions::default()
+            },
+        )
+        .unwrap();
+        live.pass_all().unwrap();
+        let done = live.finish_pass(&log, None).unwrap();
+        assert_eq!(
+            std::fs::read(&target).unwrap(),
+            before,
+            "still the previous snapshot"
+        );
+        if commit {
+            done.commit().unwrap();
+            let mut back = vec![0u8; 4 * MIB];
+            restore(
+                &target,
+                &mut [RestoreRegion {
+                    name: "pc.ram",
+                    memory: &mut back,
+                    page_size: 4096,
+                }],
+                &RestoreOptions::default(),
+                None,
+            )
+            .unwrap();
+            assert!(back == new);
+        } else {
+            drop(done);
+            assert_eq!(
+                std::fs::read(&target).unwrap(),
+                before,
+                "dropped: previous snapshot kept"
+            );
+            let temps = std::fs::read_dir(&dir)
+                .unwrap()
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().contains(".mapped-ram-tmp."))
+                .count();
+            assert_eq!(temps, 0, "temporary removed");
+        }
+    }
+}
