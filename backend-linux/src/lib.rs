@@ -63,6 +63,8 @@ mod save;
 pub mod synthetic;
 #[allow(unsafe_code)]
 mod sys;
+#[allow(unsafe_code)]
+pub mod uffd;
 pub mod update;
 mod verify;
 #[cfg(feature = "vm-memory")]
@@ -91,6 +93,7 @@ pub use save::{
 };
 pub use synthetic::synthetic_image;
 pub use sys::{populate_read, populate_write, AlignedBuf, MappedFile, DIRECT_IO_ALIGN};
+pub use uffd::{restore_uffd, UffdBlock, UffdOptions, UffdRestore, UffdStats};
 pub use update::{update, Changes, CopyMode, UpdateError, UpdateOptions, UpdateReport};
 pub use verify::{verify, CorruptPage, Mismatch, VerifyError, VerifyReport};
 pub use zero::is_zero;
