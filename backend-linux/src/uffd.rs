@@ -8,7 +8,7 @@
 //!   [`UffdOptions::fault_window_pages`] pages from the file and installs the stored ones with
 //!   `UFFDIO_COPY` and the clear ones with `UFFDIO_ZEROPAGE` (a clear bit is zero, whatever
 //!   the file holds there — stale bytes are never read, so QEMU's files are safe too);
-//! * **background channels** — a [`Job`] on the [executor](crate::executor), not a pool of
+//! * **background channels** — a `Job` on the executor (`executor.rs`), not a pool of
 //!   their own — stream every stored page in with `UFFDIO_COPY` (`EEXIST`: the handler was
 //!   first, fine), so the guest reaches full speed without waiting for faults.
 //!
