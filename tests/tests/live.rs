@@ -17,9 +17,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use mapped_ram_linux::integrity::FLAG_CLEAN_ZERO;
 use mapped_ram_linux::{
-    inspect, restore, restore_lazy, save, update, verify, Changes, CopyMode, DirectIo, GuestMemory,
-    LazyOptions, LiveOptions, LiveRegion, LiveSave, RestoreOptions, RestoreRegion, SaveOptions,
-    SaveRegion, UpdateError, UpdateOptions,
+    inspect, restore, restore_lazy, restore_uffd, save, update, verify, Changes, CopyMode,
+    DirectIo, GuestMemory, LazyOptions, LiveOptions, LiveRegion, LiveSave, RestoreOptions,
+    RestoreRegion, SaveOptions, SaveRegion, UffdOptions, UpdateError, UpdateOptions,
 };
 use mapped_ram_tests::image::{first_differing_page, pattern_image, PAGE_SIZE};
 use mapped_ram_tests::qemu::{
@@ -975,6 +975,23 @@ fn stale_bytes_under_clear_bits_of_a_qemu_file_read_as_zero() {
         if max_zero_maps == 0 {
             assert_eq!(r.zero_pages_mapped, 0, "{r:?}");
         }
+    }
+    // The userfaultfd restore never reads under a clear bit: faults only, then with prefetch.
+    for prefetch_channels in [0usize, 2] {
+        let opts = UffdOptions {
+            prefetch_channels,
+            ..UffdOptions::default()
+        };
+        let mut r = restore_uffd(&path, &[MAIN_RAM_BLOCK], &opts).unwrap();
+        if prefetch_channels > 0 {
+            r.wait_prefetched().unwrap();
+        }
+        assert_same(
+            &format!("userfaultfd restore, prefetch channels {prefetch_channels}"),
+            &image,
+            r.block(MAIN_RAM_BLOCK).unwrap().as_slice(),
+        );
+        assert!(r.error().is_none());
     }
 }
 
