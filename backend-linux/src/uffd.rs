@@ -12,6 +12,10 @@
 //!   their own — stream every stored page in with `UFFDIO_COPY` (`EEXIST`: the handler was
 //!   first, fine), so the guest reaches full speed without waiting for faults.
 //!
+//! With [`UffdOptions::huge_pages`] the memory is 2 MiB huge pages (a `MFD_HUGETLB` memfd) and
+//! every fault and prefetch step installs one whole huge page (its stored pages read, its
+//! clear pages zero).
+//!
 //! The memory is anonymous: once [`UffdRestore::wait_prefetched`] returns `Ok`, every stored
 //! page is in memory and the snapshot may be deleted (clear pages never need the file).
 //!
@@ -136,6 +140,10 @@ pub struct UffdOptions {
     pub fault_window_pages: u64,
     /// Background channels that stream every stored page in (0: no prefetch, faults only).
     pub prefetch_channels: usize,
+    /// Guest memory of 2 MiB huge pages (a `MFD_HUGETLB` memfd) instead of 4 KiB pages: each
+    /// fault and each prefetch step installs a whole huge page. Every block's length must be
+    /// a multiple of 2 MiB, and the kernel must have the huge pages (`vm.nr_hugepages`).
+    pub huge_pages: bool,
 }
 
 impl Default for UffdOptions {
@@ -144,6 +152,7 @@ impl Default for UffdOptions {
             offset: 0,
             fault_window_pages: DEFAULT_FAULT_WINDOW_PAGES,
             prefetch_channels: default_channels(),
+            huge_pages: false,
         }
     }
 }
@@ -179,7 +188,50 @@ impl Anon {
             len,
         })
     }
+
+    /// `len` bytes (a multiple of [`HUGE_PAGE`]) of 2 MiB huge pages: a `MFD_HUGETLB` memfd
+    /// mapped shared (the memfd is closed; the mapping keeps it).
+    fn new_huge(len: usize) -> io::Result<Self> {
+        if len == 0 || len % HUGE_PAGE as usize != 0 {
+            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+        }
+        // SAFETY: the name is a NUL-terminated string; the flags are valid memfd flags.
+        let fd = unsafe {
+            libc::memfd_create(
+                c"mapped-ram-guest".as_ptr(),
+                libc::MFD_CLOEXEC | libc::MFD_HUGETLB | libc::MFD_HUGE_2MB,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just returned by the kernel and is owned by nobody else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        rustix::fs::ftruncate(&fd, len as u64)?;
+        // SAFETY: a fresh shared mapping of our own memfd (null hint, no MAP_FIXED) replaces
+        // nothing; the result is checked and unmapped once in `Drop`.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Self {
+            addr: p as usize,
+            len,
+        })
+    }
 }
+
+/// The huge page size of [`UffdOptions::huge_pages`].
+pub const HUGE_PAGE: u64 = 2 << 20;
 
 impl Drop for Anon {
     fn drop(&mut self) {
@@ -501,7 +553,24 @@ pub fn restore_uffd(
                 block: b.name.clone(),
             }))
         })?;
-        let memory = Anon::new(len).map_err(io_err(Op::Map, path, Some(b.layout.pages_offset)))?;
+        if opts.huge_pages
+            && (b.layout.length % HUGE_PAGE != 0 || HUGE_PAGE % b.layout.page_size != 0)
+        {
+            return Err(RestoreErrorKind::Options(OptionError::NotMappable {
+                block: b.name.clone(),
+                reason: format!(
+                    "its length {:#x} and page size {} must divide into 2 MiB huge pages",
+                    b.layout.length, b.layout.page_size
+                ),
+            })
+            .into());
+        }
+        let memory = if opts.huge_pages {
+            Anon::new_huge(len)
+        } else {
+            Anon::new(len)
+        }
+        .map_err(io_err(Op::Map, path, Some(b.layout.pages_offset)))?;
         let mut reg = UffdioRegister {
             range: UffdioRange {
                 start: memory.addr as u64,
@@ -546,6 +615,7 @@ pub fn restore_uffd(
         );
         let owned = path.to_path_buf();
         let window = opts.fault_window_pages.max(1);
+        let huge = opts.huge_pages;
         std::thread::Builder::new()
             .name("uffd-handler".into())
             .spawn(move || {
@@ -557,6 +627,7 @@ pub fn restore_uffd(
                     shared: &shared,
                     window,
                     poison,
+                    huge,
                 }
                 .run(stop_reader.as_raw_fd())
             })
@@ -573,19 +644,20 @@ pub fn restore_uffd(
         );
         let owned = path.to_path_buf();
         let channels = opts.prefetch_channels;
+        let huge = opts.huge_pages;
         Some(
             std::thread::Builder::new()
                 .name("uffd-prefetch".into())
                 .spawn(move || {
-                    prefetch(
-                        uffd.as_raw_fd(),
-                        file.as_fd(),
-                        &owned,
-                        &regions,
-                        &shared,
-                        channels,
-                        &cancel,
-                    );
+                    let job = PrefetchJob {
+                        huge,
+                        uffd: uffd.as_raw_fd(),
+                        file: file.as_fd(),
+                        path: &owned,
+                        regions: &regions,
+                        shared: &shared,
+                    };
+                    prefetch(&job, channels, &cancel);
                     shared.prefetch_done.store(true, Ordering::Release);
                 })
                 .map_err(io_err(Op::Map, path, None))?,
@@ -616,6 +688,7 @@ struct Handler<'a> {
     shared: &'a Shared,
     window: u64,
     poison: bool,
+    huge: bool,
 }
 
 impl Handler<'_> {
@@ -689,6 +762,29 @@ impl Handler<'_> {
         let l = &region.info.layout;
         let ps = l.page_size;
         let page = (addr - region.addr) / ps;
+        if self.huge {
+            let per = HUGE_PAGE / ps;
+            let first = page / per * per;
+            match install_huge(self.uffd, self.file, region, first, buf) {
+                Ok(()) => {
+                    self.shared.fault_pages.fetch_add(per, Ordering::Relaxed);
+                }
+                Err((op, at, e)) => {
+                    self.shared.fail(io_err(op, &self.path, Some(at))(e));
+                    if self.poison && op == Op::ReadPages {
+                        let mut p = UffdioPoison {
+                            range: UffdioRange {
+                                start: region.addr + first * ps,
+                                len: HUGE_PAGE,
+                            },
+                            ..UffdioPoison::default()
+                        };
+                        let _ = ioctl(self.uffd, UFFDIO_POISON, &mut p);
+                    }
+                }
+            }
+            return;
+        }
         let first = page / self.window * self.window;
         let end = (first + self.window).min(l.num_pages());
         let Ok(bits) = BitmapRef::new(&region.info.bitmap, l.num_pages()) else {
@@ -740,8 +836,36 @@ impl Handler<'_> {
     }
 }
 
+/// Installs the huge page whose first page is `first` of `region`: its stored pages read from
+/// the file, its clear pages zero (hugetlb has no `UFFDIO_ZEROPAGE`), one `UFFDIO_COPY`.
+fn install_huge(
+    uffd: RawFd,
+    file: std::os::fd::BorrowedFd<'_>,
+    region: &Region,
+    first: u64,
+    buf: &mut Vec<u8>,
+) -> Result<(), (Op, u64, io::Error)> {
+    let l = &region.info.layout;
+    let ps = l.page_size;
+    let per = HUGE_PAGE / ps;
+    let end = (first + per).min(l.num_pages());
+    buf.clear();
+    buf.resize(HUGE_PAGE as usize, 0);
+    let bits = BitmapRef::new(&region.info.bitmap, l.num_pages())
+        .map_err(|e| (Op::Map, l.bitmap_offset, io::Error::other(format!("{e:?}"))))?;
+    for run in bits.runs_in(first..end, true) {
+        let at = l.pages_offset + run.start * ps;
+        let from = ((run.start - first) * ps) as usize;
+        let to = ((run.end - first) * ps) as usize;
+        file::preadv_exact(file, &mut buf[from..to], at).map_err(|e| (Op::ReadPages, at, e))?;
+    }
+    let dst = region.addr + first * ps;
+    copy_pages(uffd, dst, buf, HUGE_PAGE).map_err(|e| (Op::Map, l.pages_offset + first * ps, e))
+}
+
 /// The prefetch's channel work: a chunk's stored pages, read and installed.
 struct PrefetchJob<'a> {
+    huge: bool,
     uffd: RawFd,
     file: std::os::fd::BorrowedFd<'a>,
     path: &'a Path,
@@ -761,6 +885,17 @@ impl Job for PrefetchJob<'_> {
         let region = &self.regions[item.block];
         let l = &region.info.layout;
         let ps = l.page_size;
+        if self.huge {
+            let per = HUGE_PAGE / ps;
+            let mut first = item.start;
+            while first < item.end {
+                install_huge(self.uffd, self.file, region, first, buf)
+                    .map_err(|(op, at, e)| io_err(op, self.path, Some(at))(e))?;
+                self.shared.prefetched.fetch_add(per, Ordering::Relaxed);
+                first += per;
+            }
+            return Ok(item.pages() * ps);
+        }
         let bits = BitmapRef::new(&region.info.bitmap, l.num_pages()).map_err(|e| {
             io_err(Op::Map, self.path, Some(l.bitmap_offset))(io::Error::other(format!("{e:?}")))
         })?;
@@ -786,19 +921,12 @@ impl Job for PrefetchJob<'_> {
     }
 }
 
-fn prefetch(
-    uffd: RawFd,
-    file: std::os::fd::BorrowedFd<'_>,
-    path: &Path,
-    regions: &[Region],
-    shared: &Shared,
-    channels: usize,
-    cancel: &Cancel,
-) {
+fn prefetch(job: &PrefetchJob<'_>, channels: usize, cancel: &Cancel) {
     let mut items = Vec::new();
-    for (block, r) in regions.iter().enumerate() {
+    for (block, r) in job.regions.iter().enumerate() {
         let l = &r.info.layout;
-        let per = ((1u64 << 20) / l.page_size).max(1);
+        let unit = if job.huge { HUGE_PAGE } else { 1 << 20 };
+        let per = (unit / l.page_size).max(1);
         let mut s = 0;
         while s < l.num_pages() {
             let e = (s + per).min(l.num_pages());
@@ -810,19 +938,12 @@ fn prefetch(
             s = e;
         }
     }
-    let job = PrefetchJob {
-        uffd,
-        file,
-        path,
-        regions,
-        shared,
-    };
     let ctl = Control {
         cancel: Some(cancel),
         ..Control::default()
     };
-    match executor::execute(channels, &ChunkList::new(items), &job, ctl) {
+    match executor::execute(channels, &ChunkList::new(items), job, ctl) {
         Ok(()) | Err(Stopped::Cancelled) => {}
-        Err(Stopped::Failed(e)) => shared.fail(e),
+        Err(Stopped::Failed(e)) => job.shared.fail(e),
     }
 }

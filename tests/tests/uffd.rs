@@ -223,3 +223,158 @@ fn uffd_read_fault_reaches_the_vmm_and_the_access_never_reads_zeros() {
         std::mem::forget(r);
     }
 }
+
+/// Reserves `n` more 2 MiB huge pages than are free (root: `vm.nr_hugepages`); false, loudly,
+/// when the kernel refuses.
+fn reserve_huge_pages(test: &str, n: u64) -> bool {
+    let read = |k: &str| -> u64 {
+        std::fs::read_to_string("/proc/meminfo")
+            .unwrap_or_default()
+            .lines()
+            .find(|l| l.starts_with(k))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            .unwrap_or(0)
+    };
+    let free = read("HugePages_Free:");
+    if free >= n {
+        return true;
+    }
+    let total = read("HugePages_Total:");
+    let _ = std::fs::write("/proc/sys/vm/nr_hugepages", (total + n - free).to_string());
+    let got = read("HugePages_Free:");
+    if got < n {
+        cannot_run(
+            test,
+            &format!("the kernel gave {got} free 2 MiB huge pages, {n} needed (vm.nr_hugepages)"),
+        );
+        return false;
+    }
+    true
+}
+
+/// 2 MiB huge-page memory (a `MFD_HUGETLB` memfd, mapped shared), unmapped on drop.
+struct Huge {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl Huge {
+    fn new(len: usize) -> Self {
+        #[allow(unsafe_code)]
+        // SAFETY: a NUL-terminated name and valid memfd flags.
+        let fd = unsafe {
+            libc::memfd_create(
+                c"test-huge".as_ptr(),
+                libc::MFD_CLOEXEC | libc::MFD_HUGETLB | libc::MFD_HUGE_2MB,
+            )
+        };
+        assert!(
+            fd >= 0,
+            "memfd_create(MFD_HUGETLB): {}",
+            std::io::Error::last_os_error()
+        );
+        #[allow(unsafe_code)]
+        // SAFETY: `fd` is open; ftruncate sets the memfd's size.
+        let r = unsafe { libc::ftruncate(fd, len as libc::off_t) };
+        assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+        #[allow(unsafe_code)]
+        // SAFETY: a fresh shared mapping of our memfd (no MAP_FIXED), unmapped in Drop.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_POPULATE,
+                fd,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED, "{}", std::io::Error::last_os_error());
+        #[allow(unsafe_code)]
+        // SAFETY: the mapping keeps the memfd; the fd is ours to close.
+        unsafe {
+            libc::close(fd)
+        };
+        Self { ptr: p.cast(), len }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        #[allow(unsafe_code)]
+        // SAFETY: the live mapping of `len` bytes, exclusively borrowed through `self`.
+        unsafe {
+            std::slice::from_raw_parts_mut(self.ptr, self.len)
+        }
+    }
+}
+
+impl Drop for Huge {
+    fn drop(&mut self) {
+        #[allow(unsafe_code)]
+        // SAFETY: the mapping this value made and owns.
+        unsafe {
+            libc::munmap(self.ptr.cast(), self.len)
+        };
+    }
+}
+
+/// Save from and restore into 2 MiB huge-page memory: the copying restore and the
+/// userfaultfd restore (a whole huge page per fault), byte-identical, stale bytes under clear
+/// bits read as zero.
+#[test]
+fn huge_pages_save_copy_restore_and_uffd_restore() {
+    let _serial = fault::serial();
+    let size = 24usize << 20;
+    if !uffd_available("uffd") || !reserve_huge_pages("huge_pages", 2 * 12 + 2) {
+        return;
+    }
+    let dir = disk_dir("uffd-huge");
+    let image = pattern_image(size, 73, 0.3, false);
+    let mut src = Huge::new(size);
+    src.as_mut_slice().copy_from_slice(&image);
+    // Save from huge-page memory, then forge stale bytes under clear bits.
+    let path = dir.join("huge.mr");
+    let forged = save_with_stale(&path, src.as_mut_slice());
+    assert!(forged > 100);
+    drop(src);
+    // Copying restore into huge-page memory (which is not zero to start with).
+    let mut dst = Huge::new(size);
+    dst.as_mut_slice().fill(0xEE);
+    mapped_ram_linux::restore(
+        &path,
+        &mut [mapped_ram_linux::RestoreRegion {
+            name: "pc.ram",
+            memory: dst.as_mut_slice(),
+            page_size: PS,
+        }],
+        &mapped_ram_linux::RestoreOptions::default(),
+        None,
+    )
+    .unwrap();
+    assert!(
+        dst.as_mut_slice() == &image[..],
+        "copying restore into huge pages differs"
+    );
+    drop(dst);
+    for prefetch_channels in [0usize, 2] {
+        let opts = UffdOptions {
+            prefetch_channels,
+            huge_pages: true,
+            ..UffdOptions::default()
+        };
+        let mut r = restore_uffd(&path, &[], &opts).unwrap();
+        if prefetch_channels > 0 {
+            r.wait_prefetched().unwrap();
+        }
+        let mem = slice(&r);
+        assert!(
+            mem == &image[..],
+            "uffd huge restore (prefetch {prefetch_channels}) differs"
+        );
+        let s = r.stats();
+        assert!(r.error().is_none());
+        if prefetch_channels == 0 {
+            assert_eq!(s.faults, 12, "one fault per huge page: {s:?}");
+        }
+        drop(r);
+    }
+}
