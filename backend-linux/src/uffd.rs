@@ -16,6 +16,14 @@
 //! every fault and prefetch step installs one whole huge page (its stored pages read, its
 //! clear pages zero).
 //!
+//! # Working set
+//!
+//! With [`UffdOptions::record_working_set`] the handler records the order in which the guest
+//! faulted its pages during the first seconds ([`UffdRestore::working_set`]); save it beside
+//! the snapshot ([`WorkingSet::save`] at [`WorkingSet::side_path`]) and pass it to later
+//! restores ([`UffdOptions::working_set`]): their prefetch installs those pages' fault windows
+//! first, in that order, then everything else.
+//!
 //! The memory is anonymous: once [`UffdRestore::wait_prefetched`] returns `Ok`, every stored
 //! page is in memory and the snapshot may be deleted (clear pages never need the file).
 //!
@@ -144,6 +152,89 @@ pub struct UffdOptions {
     /// fault and each prefetch step installs a whole huge page. Every block's length must be
     /// a multiple of 2 MiB, and the kernel must have the huge pages (`vm.nr_hugepages`).
     pub huge_pages: bool,
+    /// Record the order in which the guest faults its pages during this long after the
+    /// restore ([`UffdRestore::working_set`]); `None`: record nothing.
+    pub record_working_set: Option<std::time::Duration>,
+    /// Pages to prefetch first, in this order (a [`WorkingSet`] recorded by an earlier
+    /// restore): the prefetch installs each one's fault window before anything else.
+    pub working_set: Option<WorkingSet>,
+}
+
+/// The pages a restored guest faulted first, in order: what a later restore prefetches first.
+///
+/// Stored beside the snapshot ([`WorkingSet::side_path`]) as text: the line
+/// `mapped-ram working set 1`, then one line per page, `<block name> <page index>`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WorkingSet {
+    /// (block name, page index) in fault order.
+    pub pages: Vec<(String, u64)>,
+}
+
+const WS_MAGIC: &str = "mapped-ram working set 1";
+
+impl WorkingSet {
+    /// Where the working set of the snapshot at `snapshot` is kept: `<snapshot>.ws`.
+    pub fn side_path(snapshot: &Path) -> PathBuf {
+        let mut p = snapshot.as_os_str().to_owned();
+        p.push(".ws");
+        PathBuf::from(p)
+    }
+
+    /// Writes the working set to `path` (replacing it in one step: a temporary, then rename).
+    pub fn save(&self, path: &Path) -> Result<(), RestoreError> {
+        let mut text = String::with_capacity(self.pages.len() * 16 + 32);
+        text.push_str(WS_MAGIC);
+        text.push('\n');
+        for (name, page) in &self.pages {
+            text.push_str(name);
+            text.push(' ');
+            text.push_str(&page.to_string());
+            text.push('\n');
+        }
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(".tmp");
+        let tmp = PathBuf::from(tmp);
+        std::fs::write(&tmp, text).map_err(io_err(Op::WriteStream, &tmp, None))?;
+        std::fs::rename(&tmp, path).map_err(io_err(Op::Rename, path, None))?;
+        Ok(())
+    }
+
+    /// Reads a working set written by [`WorkingSet::save`]; a malformed file is an error that
+    /// names the file and the byte offset of the bad line.
+    pub fn load(path: &Path) -> Result<Self, RestoreError> {
+        let text = std::fs::read(path).map_err(io_err(Op::ReadStream, path, None))?;
+        let bad = |offset: usize, message: &str| -> RestoreError {
+            RestoreErrorKind::from(crate::error::FormatError::Stream {
+                path: path.to_path_buf(),
+                message: format!("working set at byte {offset}: {message}"),
+                offset: offset as u64,
+            })
+            .into()
+        };
+        let text = std::str::from_utf8(&text).map_err(|e| bad(e.valid_up_to(), "not UTF-8"))?;
+        let mut pages = Vec::new();
+        let mut offset = 0usize;
+        for (i, line) in text.split_terminator('\n').enumerate() {
+            if i == 0 {
+                if line != WS_MAGIC {
+                    return Err(bad(0, "not a mapped-ram working set"));
+                }
+            } else {
+                let (name, page) = line
+                    .rsplit_once(' ')
+                    .ok_or_else(|| bad(offset, "expected `<block> <page>`"))?;
+                let page = page
+                    .parse::<u64>()
+                    .map_err(|_| bad(offset, "the page index is not a number"))?;
+                pages.push((name.to_string(), page));
+            }
+            offset += line.len() + 1;
+        }
+        if text.is_empty() {
+            return Err(bad(0, "empty file"));
+        }
+        Ok(Self { pages })
+    }
 }
 
 impl Default for UffdOptions {
@@ -153,6 +244,8 @@ impl Default for UffdOptions {
             fault_window_pages: DEFAULT_FAULT_WINDOW_PAGES,
             prefetch_channels: default_channels(),
             huge_pages: false,
+            record_working_set: None,
+            working_set: None,
         }
     }
 }
@@ -423,6 +516,9 @@ struct Shared {
     prefetched: AtomicU64,
     prefetch_done: AtomicBool,
     error: Mutex<Option<RestoreError>>,
+    /// Until when faults are recorded, and the (block, page) of each, in order.
+    record_until: Option<Instant>,
+    recorded: Mutex<Vec<(usize, u64)>>,
 }
 
 impl Shared {
@@ -487,6 +583,23 @@ impl UffdRestore {
     /// faulting access); `false`: the faulting thread stays blocked (see the module docs).
     pub fn poisons_on_error(&self) -> bool {
         self.poison
+    }
+
+    /// The pages the guest faulted while [`UffdOptions::record_working_set`] was recording, in
+    /// fault order (each fault's page; the window around it came with it).
+    pub fn working_set(&self) -> WorkingSet {
+        let recorded = self
+            .shared
+            .recorded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        WorkingSet {
+            pages: recorded
+                .into_iter()
+                .filter_map(|(b, p)| Some((self.blocks.get(b)?.name.clone(), p)))
+                .collect(),
+        }
     }
 
     /// Takes the first error of the handler or the prefetch, if any.
@@ -600,6 +713,8 @@ pub fn restore_uffd(
         prefetched: AtomicU64::new(0),
         prefetch_done: AtomicBool::new(false),
         error: Mutex::new(None),
+        record_until: opts.record_working_set.map(|d| started + d),
+        recorded: Mutex::new(Vec::new()),
     });
     let stop = rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC)
         .map_err(|e| io_err(Op::Map, path, None)(e.into()))?;
@@ -645,6 +760,8 @@ pub fn restore_uffd(
         let owned = path.to_path_buf();
         let channels = opts.prefetch_channels;
         let huge = opts.huge_pages;
+        let first = opts.working_set.clone();
+        let window = opts.fault_window_pages.max(1);
         Some(
             std::thread::Builder::new()
                 .name("uffd-prefetch".into())
@@ -657,7 +774,7 @@ pub fn restore_uffd(
                         regions: &regions,
                         shared: &shared,
                     };
-                    prefetch(&job, channels, &cancel);
+                    prefetch(&job, channels, &cancel, first.as_ref(), window);
                     shared.prefetch_done.store(true, Ordering::Release);
                 })
                 .map_err(io_err(Op::Map, path, None))?,
@@ -762,6 +879,18 @@ impl Handler<'_> {
         let l = &region.info.layout;
         let ps = l.page_size;
         let page = (addr - region.addr) / ps;
+        if self.shared.record_until.is_some_and(|t| Instant::now() < t) {
+            let index = self
+                .regions
+                .iter()
+                .position(|r| std::ptr::eq(r, region))
+                .unwrap_or(0);
+            self.shared
+                .recorded
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((index, page));
+        }
         if self.huge {
             let per = HUGE_PAGE / ps;
             let first = page / per * per;
@@ -921,8 +1050,38 @@ impl Job for PrefetchJob<'_> {
     }
 }
 
-fn prefetch(job: &PrefetchJob<'_>, channels: usize, cancel: &Cancel) {
+fn prefetch(
+    job: &PrefetchJob<'_>,
+    channels: usize,
+    cancel: &Cancel,
+    first: Option<&WorkingSet>,
+    window: u64,
+) {
     let mut items = Vec::new();
+    // The working set first: each page's fault window (huge page), once, in recorded order.
+    if let Some(ws) = first {
+        let mut seen = std::collections::HashSet::new();
+        for (name, page) in &ws.pages {
+            let Some(block) = job.regions.iter().position(|r| &r.info.name == name) else {
+                continue;
+            };
+            let l = &job.regions[block].info.layout;
+            let per = if job.huge {
+                (HUGE_PAGE / l.page_size).max(1)
+            } else {
+                window
+            };
+            let start = page / per * per;
+            if start >= l.num_pages() || !seen.insert((block, start)) {
+                continue;
+            }
+            items.push(Chunk {
+                block,
+                start,
+                end: (start + per).min(l.num_pages()),
+            });
+        }
+    }
     for (block, r) in job.regions.iter().enumerate() {
         let l = &r.info.layout;
         let unit = if job.huge { HUGE_PAGE } else { 1 << 20 };

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use mapped_ram_linux::fault::{self, Fault, FaultKind};
 use mapped_ram_linux::{
     inspect, restore_uffd, save, Op, RestoreErrorKind, SaveOptions, SaveRegion, UffdOptions,
-    UffdRestore,
+    UffdRestore, WorkingSet,
 };
 use mapped_ram_tests::image::pattern_image;
 use mapped_ram_tests::support::cannot_run;
@@ -377,4 +377,104 @@ fn huge_pages_save_copy_restore_and_uffd_restore() {
         }
         drop(r);
     }
+}
+
+/// The handler records the order of the guest's first faults; saved beside the snapshot and
+/// loaded back, it makes a later restore's prefetch install those windows before anything
+/// else (shown by failing every page read after the first three: exactly the three windows of
+/// the working set are in).
+#[test]
+fn working_set_is_recorded_saved_and_prefetched_first() {
+    let _serial = fault::serial();
+    if !uffd_available("uffd") {
+        return;
+    }
+    let dir = disk_dir("uffd-ws");
+    let path = dir.join("g.mr");
+    let ram: Vec<u8> = (0..8usize << 20).map(|i| (i / 4096) as u8 | 1).collect();
+    save(
+        &path,
+        &[SaveRegion {
+            name: "pc.ram",
+            memory: &ram,
+            page_size: PS,
+        }],
+        &SaveOptions::default(),
+        None,
+    )
+    .unwrap();
+    let order = [300u64, 10, 1900];
+    let r = restore_uffd(
+        &path,
+        &[],
+        &UffdOptions {
+            prefetch_channels: 0,
+            record_working_set: Some(Duration::from_secs(600)),
+            ..UffdOptions::default()
+        },
+    )
+    .unwrap();
+    let mem = slice(&r);
+    for &p in &order {
+        assert_eq!(mem[(p * PS) as usize], ram[(p * PS) as usize]);
+    }
+    let ws = r.working_set();
+    assert_eq!(
+        ws.pages,
+        order
+            .iter()
+            .map(|&p| ("pc.ram".to_string(), p))
+            .collect::<Vec<_>>()
+    );
+    drop(r);
+    let side = WorkingSet::side_path(&path);
+    ws.save(&side).unwrap();
+    let loaded = WorkingSet::load(&side).unwrap();
+    assert_eq!(loaded, ws);
+    // A damaged side file is a typed error naming it.
+    let bad = dir.join("bad.ws");
+    std::fs::write(&bad, "mapped-ram working set 1\npc.ram x\n").unwrap();
+    let e = WorkingSet::load(&bad).unwrap_err().to_string();
+    assert!(e.contains("bad.ws") && e.contains("byte 25"), "{e}");
+
+    fault::inject(Fault {
+        op: Op::ReadPages,
+        skip: order.len() as u64,
+        count: u64::MAX,
+        kind: FaultKind::Errno(5),
+    });
+    let mut r = restore_uffd(
+        &path,
+        &[],
+        &UffdOptions {
+            prefetch_channels: 1,
+            working_set: Some(loaded),
+            ..UffdOptions::default()
+        },
+    )
+    .unwrap();
+    let err = r.wait_prefetched().unwrap_err();
+    fault::clear();
+    assert!(
+        err.to_string().contains("Input/output error")
+            || matches!(&err.kind, RestoreErrorKind::Io(f) if f.op == Op::ReadPages),
+        "{err}"
+    );
+    let s = r.stats();
+    assert_eq!(
+        s.prefetched_pages,
+        order.len() as u64 * mapped_ram_linux::uffd::DEFAULT_FAULT_WINDOW_PAGES,
+        "only the working set's windows came in before the failure: {s:?}"
+    );
+    // Those pages are there without a fault.
+    let faults = s.faults;
+    let mem = slice(&r);
+    for &p in &order {
+        assert_eq!(mem[(p * PS) as usize], ram[(p * PS) as usize]);
+    }
+    assert_eq!(
+        r.stats().faults,
+        faults,
+        "working-set pages needed no fault"
+    );
 }
