@@ -10,17 +10,20 @@
 //! of the pages in random order; the time from the start until every stored page is resident
 //! (copy: at resume; lazy: after the guest reads one word of every page; userfaultfd: the
 //! prefetch's end, or — without prefetch — after the guest reads every page); and the page
-//! cache the snapshot then holds (`fincore`). Every restore is checked byte for byte.
+//! cache the snapshot then holds (`fincore`). The userfaultfd restore without prefetch records
+//! the working set of the random reads; a third userfaultfd run prefetches it first. Then, in
+//! 2 MiB huge pages (raising `vm.nr_hugepages` for the run): the copying restore and the
+//! userfaultfd restore with prefetch. Every restore is checked byte for byte.
 
 use std::num::NonZeroU64;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use mapped_ram_linux::synthetic_image;
 use mapped_ram_linux::{
-    restore, restore_lazy, restore_uffd, save, LazyOptions, RestoreOptions, RestoreRegion,
-    SaveOptions, SaveRegion, UffdOptions,
+    restore, restore_lazy, restore_uffd, save, HugePages, LazyOptions, RestoreOptions,
+    RestoreRegion, SaveOptions, SaveRegion, UffdOptions, WorkingSet, HUGE_PAGE,
 };
 
 const PS: usize = 4096;
@@ -137,8 +140,18 @@ fn main() {
     );
     drop(lazy);
 
-    // userfaultfd, with and without the prefetch.
-    for prefetch_channels in [mapped_ram_linux::default_channels(), 0] {
+    // userfaultfd: without prefetch (recording the working set of the random reads), with
+    // prefetch, and with prefetch of the recorded working set first.
+    let mut ws: Option<WorkingSet> = None;
+    for (label, prefetch_channels, first) in [
+        ("no prefetch (records the working set)", 0, false),
+        ("prefetch", mapped_ram_linux::default_channels(), false),
+        (
+            "prefetch, working set first",
+            mapped_ram_linux::default_channels(),
+            true,
+        ),
+    ] {
         drop_cache(&path);
         let t = Instant::now();
         let mut u = restore_uffd(
@@ -146,6 +159,8 @@ fn main() {
             &["pc.ram"],
             &UffdOptions {
                 prefetch_channels,
+                record_working_set: (prefetch_channels == 0).then(|| Duration::from_secs(600)),
+                working_set: if first { ws.clone() } else { None },
                 ..UffdOptions::default()
             },
         )
@@ -153,6 +168,9 @@ fn main() {
         let runnable = t.elapsed().as_secs_f64();
         let (random, sum) = touch_random(u.block("pc.ram").expect("block").as_slice());
         std::hint::black_box(sum);
+        if prefetch_channels == 0 {
+            ws = Some(u.working_set());
+        }
         let how = if prefetch_channels > 0 {
             u.wait_prefetched().expect("prefetch");
             "prefetch done"
@@ -168,10 +186,82 @@ fn main() {
             "uffd differs"
         );
         println!(
-            "| userfaultfd, {prefetch_channels} prefetch channels | {:.1} | {random:.3} | {resident:.3} ({how}) | {cache:.0} |",
+            "| userfaultfd, {label} | {:.1} | {random:.3} | {resident:.3} ({how}) | {cache:.0} |",
             runnable * 1e3
         );
         eprintln!("  {st:?}");
+    }
+
+    // Huge pages: copying restore into 2 MiB pages, and userfaultfd (a huge page per fault).
+    let need = (size as u64 / HUGE_PAGE) + 8;
+    let meminfo = |k: &str| -> u64 {
+        std::fs::read_to_string("/proc/meminfo")
+            .unwrap_or_default()
+            .lines()
+            .find(|l| l.starts_with(k))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            .unwrap_or(0)
+    };
+    let before = meminfo("HugePages_Total:");
+    if meminfo("HugePages_Free:") < need {
+        let _ = std::fs::write("/proc/sys/vm/nr_hugepages", (before + need).to_string());
+    }
+    if meminfo("HugePages_Free:") < need {
+        eprintln!("HUGE PAGES SKIPPED: the kernel refused {need} 2 MiB huge pages");
+    } else {
+        println!();
+        println!("| huge pages | runnable (ms) | all stored pages resident (s) | GiB/s |");
+        println!("|---|---:|---:|---:|");
+        drop_cache(&path);
+        let mut mem = HugePages::new(size).expect("huge pages");
+        let t = Instant::now();
+        restore(
+            &path,
+            &mut [RestoreRegion {
+                name: "pc.ram",
+                memory: mem.as_mut_slice(),
+                page_size: PS as u64,
+            }],
+            &RestoreOptions {
+                memory_is_zeroed: true,
+                ..RestoreOptions::default()
+            },
+            None,
+        )
+        .expect("restore into huge pages");
+        let secs = t.elapsed().as_secs_f64();
+        assert!(mem.as_slice() == &image[..], "huge copy differs");
+        println!(
+            "| copy (O_DIRECT) into 2 MiB pages | {:.1} | {secs:.3} | {:.2} |",
+            secs * 1e3,
+            size as f64 / secs / f64::from(1u32 << 30)
+        );
+        drop(mem);
+        drop_cache(&path);
+        let t = Instant::now();
+        let mut u = restore_uffd(
+            &path,
+            &["pc.ram"],
+            &UffdOptions {
+                huge_pages: true,
+                ..UffdOptions::default()
+            },
+        )
+        .expect("uffd huge");
+        let runnable = t.elapsed().as_secs_f64();
+        u.wait_prefetched().expect("prefetch");
+        let secs = t.elapsed().as_secs_f64();
+        assert!(
+            u.block("pc.ram").expect("block").as_slice() == &image[..],
+            "uffd huge differs"
+        );
+        println!(
+            "| userfaultfd into 2 MiB pages, prefetch | {:.1} | {secs:.3} | {:.2} |",
+            runnable * 1e3,
+            size as f64 / secs / f64::from(1u32 << 30)
+        );
+        drop(u);
+        let _ = std::fs::write("/proc/sys/vm/nr_hugepages", before.to_string());
     }
     let _ = std::fs::remove_file(&path);
 }

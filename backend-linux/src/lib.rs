@@ -93,7 +93,9 @@ pub use save::{
 };
 pub use synthetic::synthetic_image;
 pub use sys::{populate_read, populate_write, AlignedBuf, MappedFile, DIRECT_IO_ALIGN};
-pub use uffd::{restore_uffd, UffdBlock, UffdOptions, UffdRestore, UffdStats, WorkingSet};
+pub use uffd::{
+    restore_uffd, HugePages, UffdBlock, UffdOptions, UffdRestore, UffdStats, WorkingSet, HUGE_PAGE,
+};
 pub use update::{update, Changes, CopyMode, UpdateError, UpdateOptions, UpdateReport};
 pub use verify::{verify, CorruptPage, Mismatch, VerifyError, VerifyReport};
 pub use zero::is_zero;

@@ -323,6 +323,39 @@ impl Anon {
     }
 }
 
+/// Memory of 2 MiB huge pages (a `MFD_HUGETLB` memfd, mapped shared), to save from or restore
+/// into (e.g. with [`crate::restore()`]); unmapped on drop.
+pub struct HugePages(Anon);
+
+impl std::fmt::Debug for HugePages {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HugePages")
+            .field("len", &self.0.len)
+            .finish()
+    }
+}
+
+impl HugePages {
+    /// `len` bytes (a multiple of [`HUGE_PAGE`]), zero. The shared mapping reserves its huge
+    /// pages, so this fails (`ENOMEM`) when the kernel has too few (`vm.nr_hugepages`) rather
+    /// than raising `SIGBUS` at a later touch.
+    pub fn new(len: usize) -> io::Result<Self> {
+        Anon::new_huge(len).map(Self)
+    }
+
+    /// The memory.
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: the live mapping of `len` bytes owned by `self`, shared-borrowed with it.
+        unsafe { std::slice::from_raw_parts(self.0.addr as *const u8, self.0.len) }
+    }
+
+    /// The memory, writable.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: the live mapping of `len` bytes owned by `self`, exclusively borrowed.
+        unsafe { std::slice::from_raw_parts_mut(self.0.addr as *mut u8, self.0.len) }
+    }
+}
+
 /// The huge page size of [`UffdOptions::huge_pages`].
 pub const HUGE_PAGE: u64 = 2 << 20;
 

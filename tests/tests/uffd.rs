@@ -224,9 +224,20 @@ fn uffd_read_fault_reaches_the_vmm_and_the_access_never_reads_zeros() {
     }
 }
 
-/// Reserves `n` more 2 MiB huge pages than are free (root: `vm.nr_hugepages`); false, loudly,
-/// when the kernel refuses.
-fn reserve_huge_pages(test: &str, n: u64) -> bool {
+/// Puts `vm.nr_hugepages` back when dropped.
+struct HugeReservation(Option<u64>);
+
+impl Drop for HugeReservation {
+    fn drop(&mut self) {
+        if let Some(total) = self.0 {
+            let _ = std::fs::write("/proc/sys/vm/nr_hugepages", total.to_string());
+        }
+    }
+}
+
+/// Makes `n` 2 MiB huge pages free (root: raises `vm.nr_hugepages`, put back when the guard
+/// drops); `None`, loudly, when the kernel refuses.
+fn reserve_huge_pages(test: &str, n: u64) -> Option<HugeReservation> {
     let read = |k: &str| -> u64 {
         std::fs::read_to_string("/proc/meminfo")
             .unwrap_or_default()
@@ -237,19 +248,20 @@ fn reserve_huge_pages(test: &str, n: u64) -> bool {
     };
     let free = read("HugePages_Free:");
     if free >= n {
-        return true;
+        return Some(HugeReservation(None));
     }
     let total = read("HugePages_Total:");
     let _ = std::fs::write("/proc/sys/vm/nr_hugepages", (total + n - free).to_string());
+    let guard = HugeReservation(Some(total));
     let got = read("HugePages_Free:");
     if got < n {
         cannot_run(
             test,
             &format!("the kernel gave {got} free 2 MiB huge pages, {n} needed (vm.nr_hugepages)"),
         );
-        return false;
+        return None;
     }
-    true
+    Some(guard)
 }
 
 /// 2 MiB huge-page memory (a `MFD_HUGETLB` memfd, mapped shared), unmapped on drop.
@@ -324,9 +336,12 @@ impl Drop for Huge {
 fn huge_pages_save_copy_restore_and_uffd_restore() {
     let _serial = fault::serial();
     let size = 24usize << 20;
-    if !uffd_available("uffd") || !reserve_huge_pages("huge_pages", 2 * 12 + 2) {
+    if !uffd_available("uffd") {
         return;
     }
+    let Some(_reserved) = reserve_huge_pages("huge_pages", 2 * 12 + 2) else {
+        return;
+    };
     let dir = disk_dir("uffd-huge");
     let image = pattern_image(size, 73, 0.3, false);
     let mut src = Huge::new(size);
