@@ -51,7 +51,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use mapped_ram_core::bitmap::BitmapRef;
+use mapped_ram_core::bitmap::{words_for, AtomicBitmap, BitmapRef};
 use mapped_ram_core::schedule::Chunk;
 
 use crate::error::{IoFailure, Op, OptionError, RestoreError, RestoreErrorKind};
@@ -537,7 +537,8 @@ pub struct UffdStats {
     pub faults: u64,
     /// Pages installed by the handler (stored and zero).
     pub fault_pages: u64,
-    /// Stored pages installed by the prefetch (pages the handler installed first not counted).
+    /// Pages installed by the prefetch (pages the handler had installed are skipped, and not
+    /// counted).
     pub prefetched_pages: u64,
     /// Whether the prefetch has finished (successfully or not).
     pub prefetch_done: bool,
@@ -564,10 +565,24 @@ impl Shared {
 }
 
 /// Where a block lives, as the threads see it.
-#[derive(Clone)]
 struct Region {
     addr: u64,
     info: BlockInfo,
+    /// Pages known to be installed (set after a successful copy or zero-fill), so that the
+    /// prefetch does not read them again.
+    installed: Vec<AtomicU64>,
+}
+
+impl Region {
+    fn mark(&self, pages: std::ops::Range<u64>) {
+        if let Ok(map) = AtomicBitmap::new(&self.installed, self.info.layout.num_pages()) {
+            let _ = map.update_range(pages, true);
+        }
+    }
+
+    fn is_installed(&self, page: u64) -> bool {
+        AtomicBitmap::new(&self.installed, self.info.layout.num_pages()).is_ok_and(|m| m.test(page))
+    }
 }
 
 /// A guest restored through userfaultfd (see the module docs). Dropping it stops the threads
@@ -733,6 +748,9 @@ pub fn restore_uffd(
         regions.push(Region {
             addr: memory.addr as u64,
             info: b.clone(),
+            installed: (0..words_for(b.layout.num_pages()))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
         });
         blocks.push(UffdBlock {
             name: b.name.clone(),
@@ -929,6 +947,7 @@ impl Handler<'_> {
             let first = page / per * per;
             match install_huge(self.uffd, self.file, region, first, buf) {
                 Ok(()) => {
+                    region.mark(first..(first + per).min(l.num_pages()));
                     self.shared.fault_pages.fetch_add(per, Ordering::Relaxed);
                 }
                 Err((op, at, e)) => {
@@ -984,6 +1003,7 @@ impl Handler<'_> {
             };
             match result {
                 Ok(()) => {
+                    region.mark(run.clone());
                     self.shared
                         .fault_pages
                         .fetch_add(run.end - run.start, Ordering::Relaxed);
@@ -1051,9 +1071,12 @@ impl Job for PrefetchJob<'_> {
             let per = HUGE_PAGE / ps;
             let mut first = item.start;
             while first < item.end {
-                install_huge(self.uffd, self.file, region, first, buf)
-                    .map_err(|(op, at, e)| io_err(op, self.path, Some(at))(e))?;
-                self.shared.prefetched.fetch_add(per, Ordering::Relaxed);
+                if !region.is_installed(first) {
+                    install_huge(self.uffd, self.file, region, first, buf)
+                        .map_err(|(op, at, e)| io_err(op, self.path, Some(at))(e))?;
+                    region.mark(first..(first + per).min(l.num_pages()));
+                    self.shared.prefetched.fetch_add(per, Ordering::Relaxed);
+                }
                 first += per;
             }
             return Ok(item.pages() * ps);
@@ -1061,7 +1084,20 @@ impl Job for PrefetchJob<'_> {
         let bits = BitmapRef::new(&region.info.bitmap, l.num_pages()).map_err(|e| {
             io_err(Op::Map, self.path, Some(l.bitmap_offset))(io::Error::other(format!("{e:?}")))
         })?;
+        // The stored pages of the chunk that are not installed yet, as runs.
+        let mut todo: Vec<std::ops::Range<u64>> = Vec::new();
         for run in bits.runs_in(item.range(), true) {
+            for p in run {
+                if region.is_installed(p) {
+                    continue;
+                }
+                match todo.last_mut() {
+                    Some(last) if last.end == p => last.end += 1,
+                    _ => todo.push(p..p + 1),
+                }
+            }
+        }
+        for run in todo {
             let at = l.pages_offset + run.start * ps;
             let len = ((run.end - run.start) * ps) as usize;
             buf.resize(len, 0);
@@ -1075,6 +1111,7 @@ impl Job for PrefetchJob<'_> {
                 self.path,
                 Some(at),
             ))?;
+            region.mark(run.clone());
             self.shared
                 .prefetched
                 .fetch_add(run.end - run.start, Ordering::Relaxed);
