@@ -993,6 +993,29 @@ fn stale_bytes_under_clear_bits_of_a_qemu_file_read_as_zero() {
         );
         assert!(r.error().is_none());
     }
+    // And into 2 MiB huge pages, a whole huge page per fault.
+    let Some(_reserved) =
+        mapped_ram_tests::support::reserve_huge_pages("huge_pages", size / (2 << 20) + 2)
+    else {
+        return;
+    };
+    let r = restore_uffd(
+        &path,
+        &[MAIN_RAM_BLOCK],
+        &UffdOptions {
+            prefetch_channels: 0,
+            huge_pages: true,
+            ..UffdOptions::default()
+        },
+    )
+    .unwrap();
+    assert_same(
+        "userfaultfd restore into huge pages",
+        &image,
+        r.block(MAIN_RAM_BLOCK).unwrap().as_slice(),
+    );
+    assert_eq!(r.stats().faults, size / (2 << 20));
+    assert!(r.error().is_none());
 }
 
 /// An updated QEMU file is still a QEMU file: QEMU loads the new memory from it.

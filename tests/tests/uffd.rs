@@ -15,7 +15,7 @@ use mapped_ram_linux::{
     UffdRestore, WorkingSet,
 };
 use mapped_ram_tests::image::pattern_image;
-use mapped_ram_tests::support::cannot_run;
+use mapped_ram_tests::support::{cannot_run, reserve_huge_pages};
 
 const PS: u64 = 4096;
 
@@ -222,46 +222,6 @@ fn uffd_read_fault_reaches_the_vmm_and_the_access_never_reads_zeros() {
         );
         std::mem::forget(r);
     }
-}
-
-/// Puts `vm.nr_hugepages` back when dropped.
-struct HugeReservation(Option<u64>);
-
-impl Drop for HugeReservation {
-    fn drop(&mut self) {
-        if let Some(total) = self.0 {
-            let _ = std::fs::write("/proc/sys/vm/nr_hugepages", total.to_string());
-        }
-    }
-}
-
-/// Makes `n` 2 MiB huge pages free (root: raises `vm.nr_hugepages`, put back when the guard
-/// drops); `None`, loudly, when the kernel refuses.
-fn reserve_huge_pages(test: &str, n: u64) -> Option<HugeReservation> {
-    let read = |k: &str| -> u64 {
-        std::fs::read_to_string("/proc/meminfo")
-            .unwrap_or_default()
-            .lines()
-            .find(|l| l.starts_with(k))
-            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-            .unwrap_or(0)
-    };
-    let free = read("HugePages_Free:");
-    if free >= n {
-        return Some(HugeReservation(None));
-    }
-    let total = read("HugePages_Total:");
-    let _ = std::fs::write("/proc/sys/vm/nr_hugepages", (total + n - free).to_string());
-    let guard = HugeReservation(Some(total));
-    let got = read("HugePages_Free:");
-    if got < n {
-        cannot_run(
-            test,
-            &format!("the kernel gave {got} free 2 MiB huge pages, {n} needed (vm.nr_hugepages)"),
-        );
-        return None;
-    }
-    Some(guard)
 }
 
 /// 2 MiB huge-page memory (a `MFD_HUGETLB` memfd, mapped shared), unmapped on drop.
