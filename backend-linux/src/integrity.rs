@@ -53,7 +53,7 @@
 //! | 44 | u32 | `blocks`: number of block records |
 //! | 48 | u32 | `metadata_crc`: CRC-32C over the metadata ranges below, in this order |
 //! | 52 | u32 | `table_crc`: CRC-32C of the checksum table |
-//! | 56 | u32 | reserved, 0 |
+//! | 56 | u32 | `flags`: bit 0 [`FLAG_CLEAN_ZERO`] — every byte under a clear bit is zero (0 in files of earlier writers) |
 //! | 60 | u32 | CRC-32C of bytes 0..60 of the record |
 //!
 //! Metadata ranges covered by `metadata_crc` (absolute offsets; the `offset=` prefix before the
@@ -354,7 +354,8 @@ pub(crate) struct Place {
     pub table_offset: u64,
     pub table_len: u64,
     pub file_size: u64,
-    /// The record's flags ([`FLAG_EXTENSION`], ...).
+    /// The record's flags ([`FLAG_EXTENSION`]; [`FLAG_CLEAN_ZERO`] only when the writer
+    /// knows it holds).
     pub flags: u32,
 }
 

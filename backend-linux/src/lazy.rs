@@ -23,6 +23,12 @@
 //! 3. reads the remaining clear pages that hold data (with several threads) and zeroes, in the
 //!    private mapping, those that are not zero — which costs reading them, once, at restore.
 //!
+//! **Our files skip all of this**: when the snapshot's (checked) integrity record carries
+//! [`crate::integrity::FLAG_CLEAN_ZERO`] — our writer sets it only when every byte under a
+//! clear bit is zero in the file — the restore maps the file as it is and reads nothing but
+//! the headers, bitmaps and records ([`LazyReport::zero_pages_clean`]). QEMU's files, and ours
+//! without integrity records, take the steps above.
+//!
 //! Files written by [`crate::LiveSave`] (which punches holes) or by QEMU have their clear pages
 //! in holes, so step 3 has nothing to do. Files of [`crate::save()`] with its default write
 //! policy hold short runs of zeros under clear bits between data pages (to keep writes large);
@@ -150,6 +156,9 @@ pub struct LazyReport {
     pub stale_pages_zeroed: u64,
     /// Bytes read to check clear pages.
     pub check_bytes: u64,
+    /// Clear pages trusted to read as zero without a look at the file: the snapshot's
+    /// integrity record carries [`crate::integrity::FLAG_CLEAN_ZERO`].
+    pub zero_pages_clean: u64,
     /// Wall-clock seconds until the guest could resume.
     pub seconds: f64,
     /// Machine type recorded in the snapshot.
@@ -258,6 +267,7 @@ pub fn restore_lazy(
     let snap = open_snapshot(path, opts.offset)?;
     let info = &snap.info;
     let chosen = choose_blocks(info, names)?;
+    let clean = clean_zero(info);
     let mut report = LazyReport {
         machine: info.machine.clone(),
         blocks_skipped: info
@@ -277,7 +287,11 @@ pub fn restore_lazy(
         })?;
         let mut mapping = PrivateMapping::map_file(snap.fd.as_fd(), b.layout.pages_offset, len)
             .map_err(|e| IoFailure::new(Op::Map, path, Some(b.layout.pages_offset), e))?;
-        fix_clear_pages(snap.fd.as_fd(), path, b, &mut mapping, opts, &mut report)?;
+        if clean {
+            count_clean(b, &mut report);
+        } else {
+            fix_clear_pages(snap.fd.as_fd(), path, b, &mut mapping, opts, &mut report)?;
+        }
         if opts.prefetch {
             mapping.advise_willneed();
         }
@@ -303,6 +317,29 @@ pub fn restore_lazy(
         report,
         device_state,
     })
+}
+
+/// Whether every page under a clear bit of the snapshot reads as zero, as its (checked)
+/// integrity record says: then a lazy restore maps the file as it is.
+pub(crate) fn clean_zero(info: &SnapshotInfo) -> bool {
+    info.integrity
+        .is_some_and(|i| i.record.flags & crate::integrity::FLAG_CLEAN_ZERO != 0)
+}
+
+/// Counts block `b` in `report` for a snapshot whose clear pages are known to read as zero:
+/// nothing is read, only the bitmap counted.
+pub(crate) fn count_clean(b: &BlockInfo, report: &mut LazyReport) {
+    let layout = &b.layout;
+    let pages = layout.num_pages();
+    let stored = if layout.is_empty() {
+        0
+    } else {
+        b.bitmap_ref().count_ones()
+    };
+    report.ram_bytes += layout.length;
+    report.pages_stored += stored;
+    report.zero_pages += pages - stored;
+    report.zero_pages_clean += pages - stored;
 }
 
 /// The data segments of `range` of the file (absolute offsets), rounded outward to

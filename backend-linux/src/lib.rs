@@ -64,6 +64,8 @@ mod snapshot;
 pub mod synthetic;
 #[allow(unsafe_code)]
 mod sys;
+#[allow(unsafe_code)]
+pub mod uffd;
 pub mod update;
 mod verify;
 #[cfg(feature = "vm-memory")]
@@ -95,6 +97,9 @@ pub use snapshot::{
 };
 pub use synthetic::synthetic_image;
 pub use sys::{populate_read, populate_write, AlignedBuf, MappedFile, DIRECT_IO_ALIGN};
+pub use uffd::{
+    restore_uffd, HugePages, UffdBlock, UffdOptions, UffdRestore, UffdStats, WorkingSet, HUGE_PAGE,
+};
 pub use update::{update, Changes, CopyMode, UpdateError, UpdateOptions, UpdateReport};
 pub use verify::{verify, CorruptPage, Mismatch, VerifyError, VerifyReport};
 pub use zero::is_zero;

@@ -534,6 +534,7 @@ pub fn restore_lazy_guest_memory<B: NewBitmap>(
     let layout = sorted_by_address(layout);
     let names: Vec<&str> = layout.iter().map(|(n, _)| *n).collect();
     let chosen = lazy::choose_blocks(&info, &names)?;
+    let clean = lazy::clean_zero(&info);
     let file = Arc::new(File::from(snap.fd));
     let mut report = LazyReport {
         machine: info.machine.clone(),
@@ -573,14 +574,18 @@ pub fn restore_lazy_guest_memory<B: NewBitmap>(
                 addr.0
             )))
         })?;
-        lazy::fix_clear_pages(
-            std::os::fd::AsFd::as_fd(&*file),
-            path,
-            block,
-            &mut VmTarget(&mut region),
-            opts,
-            &mut report,
-        )?;
+        if clean {
+            lazy::count_clean(block, &mut report);
+        } else {
+            lazy::fix_clear_pages(
+                std::os::fd::AsFd::as_fd(&*file),
+                path,
+                block,
+                &mut VmTarget(&mut region),
+                opts,
+                &mut report,
+            )?;
+        }
         report.blocks_restored.push(block.name.clone());
         regions.push(region);
     }

@@ -19,7 +19,7 @@
 use std::ops::Range;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Instant;
 
 use mapped_ram_core::bitmap::{self, words_for, AtomicBitmap, Bitmap, BitmapRef};
@@ -111,6 +111,10 @@ struct State {
     bytes: Vec<Vec<AtomicU64>>,
     /// Checksum of the bytes last written to each page, per block, when the file has them.
     sums: Option<Vec<Vec<AtomicU32>>>,
+    /// Some page whose bit is clear may hold non-zero bytes in the file (a copied snapshot
+    /// not known to be clean, or a page that turned zero and was not punched): the file must
+    /// not claim [`integrity::FLAG_CLEAN_ZERO`].
+    unclean: AtomicBool,
 }
 
 fn atomic_words(n: u64) -> Vec<AtomicU64> {
@@ -134,6 +138,7 @@ impl State {
                     .map(|l| (0..l.num_pages()).map(|_| AtomicU32::new(0)).collect())
                     .collect()
             }),
+            unclean: AtomicBool::new(false),
         }
     }
 
@@ -422,6 +427,12 @@ impl<'m, 'f> Writer<'m, 'f> {
         )?;
         let layouts: Vec<BlockLayout> = info.blocks.iter().map(|b| b.layout).collect();
         let state = State::empty(&layouts, tables.is_some());
+        // The copy's clear pages read as zero only if its writer said so; QEMU's files (and
+        // ours without records) may hold stale bytes there.
+        let clean = info
+            .integrity
+            .is_some_and(|i| i.record.flags & integrity::FLAG_CLEAN_ZERO != 0);
+        state.unclean.store(!clean, Ordering::Relaxed);
         for (block, b) in info.blocks.iter().enumerate() {
             for (i, w) in b.bitmap.iter().enumerate() {
                 state.stored[block][i].store(*w, Ordering::Relaxed);
@@ -703,7 +714,7 @@ impl<'m, 'f> Writer<'m, 'f> {
                 table_offset,
                 table_len,
                 file_size,
-                flags: integrity::FLAG_EXTENSION,
+                flags: self.flags() | integrity::FLAG_EXTENSION,
             };
             let first_record = self
                 .layouts
@@ -731,6 +742,17 @@ impl<'m, 'f> Writer<'m, 'f> {
             file_size,
             checksums: self.anchor.is_some() && self.state.sums.is_some(),
         })
+    }
+
+    /// The record flags the file has earned: [`integrity::FLAG_CLEAN_ZERO`] when every page
+    /// whose bit is clear reads as zero in the file (written as zero, punched, or never
+    /// written in a file that started empty).
+    fn flags(&self) -> u32 {
+        if self.state.unclean.load(Ordering::Relaxed) {
+            0
+        } else {
+            integrity::FLAG_CLEAN_ZERO
+        }
     }
 
     /// Makes the finished file durable and, for a temporary, the snapshot at the target (the
@@ -936,6 +958,12 @@ impl PassJob<'_, '_> {
             zeros += r.end - r.start;
             stored.update_range(run.start + r.start..run.start + r.end, false)?;
             if !self.punch {
+                // A zero page not rewritten now whose slot held bytes keeps them: stale.
+                if r.clone()
+                    .any(|i| !wref.test(i) && bytes.test(run.start + i))
+                {
+                    self.state.unclean.store(true, Ordering::Relaxed);
+                }
                 continue;
             }
             // Zero pages that were not rewritten now but may hold old bytes: punch them out.

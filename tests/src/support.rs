@@ -52,3 +52,43 @@ pub fn scratch_dir(tmpdir: &str, name: &str) -> PathBuf {
     std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
     dir
 }
+
+/// Puts `vm.nr_hugepages` back when dropped.
+pub struct HugeReservation(Option<u64>);
+
+impl Drop for HugeReservation {
+    fn drop(&mut self) {
+        if let Some(total) = self.0 {
+            let _ = std::fs::write("/proc/sys/vm/nr_hugepages", total.to_string());
+        }
+    }
+}
+
+/// Makes `n` 2 MiB huge pages free (root: raises `vm.nr_hugepages`, put back when the guard
+/// drops); `None`, loudly, when the kernel refuses.
+pub fn reserve_huge_pages(test: &str, n: u64) -> Option<HugeReservation> {
+    let read = |k: &str| -> u64 {
+        std::fs::read_to_string("/proc/meminfo")
+            .unwrap_or_default()
+            .lines()
+            .find(|l| l.starts_with(k))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            .unwrap_or(0)
+    };
+    let free = read("HugePages_Free:");
+    if free >= n {
+        return Some(HugeReservation(None));
+    }
+    let total = read("HugePages_Total:");
+    let _ = std::fs::write("/proc/sys/vm/nr_hugepages", (total + n - free).to_string());
+    let guard = HugeReservation(Some(total));
+    let got = read("HugePages_Free:");
+    if got < n {
+        cannot_run(
+            test,
+            &format!("the kernel gave {got} free 2 MiB huge pages, {n} needed (vm.nr_hugepages)"),
+        );
+        return None;
+    }
+    Some(guard)
+}

@@ -1288,16 +1288,43 @@ fn update_copy_and_lazy_scan_faults_name_the_call() {
     let v = verify(&target, 0, &[]).unwrap();
     assert!(v.ok());
     cases += 1;
-    // The lazy restore's SEEK_DATA scan.
-    let snap = std::fs::read(&target).unwrap();
+    // Our file carries the clean-zero flag: the lazy restore does not scan it at all.
     fault::inject(fault(Op::Seek, 0, 1, FaultKind::Errno(EIO)));
-    let err = restore_lazy(&target, &["pc.ram"], &LazyOptions::default()).unwrap_err();
+    let lazy = restore_lazy(&target, &["pc.ram"], &LazyOptions::default()).unwrap();
+    assert_eq!(
+        fault::fired(Op::Seek),
+        0,
+        "no SEEK_DATA scan of a clean file"
+    );
+    assert_eq!(lazy.report.zero_pages_clean, lazy.report.zero_pages);
+    drop(lazy);
+    fault::clear();
+    // The lazy restore's SEEK_DATA scan, on a file without the flag (no integrity records).
+    let plain = dir.join("plain.mr");
+    save(
+        &plain,
+        &[SaveRegion {
+            name: "pc.ram",
+            memory: &guest.ram,
+            page_size: PS,
+        }],
+        &SaveOptions {
+            checksums: false,
+            ..o.clone()
+        },
+        None,
+    )
+    .unwrap();
+    let snap = std::fs::read(&plain).unwrap();
+    fault::inject(fault(Op::Seek, 0, 1, FaultKind::Errno(EIO)));
+    let err = restore_lazy(&plain, &["pc.ram"], &LazyOptions::default()).unwrap_err();
     fault::clear();
     let RestoreErrorKind::Io(f) = &err.kind else {
         panic!("{err}")
     };
     assert_eq!((f.op, f.errno()), (Op::Seek, Some(EIO)), "{err}");
-    assert_eq!(std::fs::read(&target).unwrap(), snap);
+    assert_eq!(std::fs::read(&plain).unwrap(), snap);
+    std::fs::remove_file(&plain).unwrap();
     cases += 1;
     eprintln!("update copy and lazy scan faults: {cases} cases");
 }

@@ -597,6 +597,18 @@ fn us_to_qemu(c: UsToQemu) {
         .unwrap_or_else(|e| panic!("{}: our save failed: {e}", c.name));
     assert!(report.direct_io, "{}: direct-io not used", c.name);
     assert_eq!(report.channels, c.channels);
+    // The file QEMU loads below carries the clean-zero flag (in the records QEMU ignores).
+    let flags = ok("inspect our file", inspect(&ours, offset))
+        .integrity
+        .expect("our file has integrity records")
+        .record
+        .flags;
+    assert_eq!(
+        flags & mapped_ram_linux::integrity::FLAG_CLEAN_ZERO,
+        mapped_ram_linux::integrity::FLAG_CLEAN_ZERO,
+        "{}: flags {flags:#x}",
+        c.name
+    );
     // Page checksums are on by default: the anchor record sits in the first block's bitmap
     // padding and the table and footer after QEMU's vmdesc, where QEMU's loader never reads —
     // the load below proves QEMU 10.0 accepts such a file.

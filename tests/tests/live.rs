@@ -15,10 +15,12 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+use mapped_ram_linux::integrity::FLAG_CLEAN_ZERO;
 use mapped_ram_linux::{
-    inspect, restore, restore_lazy, save, update, verify, Changes, CopyMode, DirectIo, DirtyLog,
-    GuestMemory, LazyOptions, LiveOptions, LiveRegion, LiveSave, RestoreOptions, RestoreRegion,
-    SaveOptions, SaveRegion, UpdateError, UpdateOptions,
+    inspect, restore, restore_lazy, restore_uffd, save, update, verify, Changes, CopyMode,
+    DirectIo, DirtyLog, GuestMemory, LazyOptions, LiveOptions, LiveRegion, LiveSave,
+    RestoreOptions, RestoreRegion, SaveOptions, SaveRegion, UffdOptions, UpdateError,
+    UpdateOptions,
 };
 use mapped_ram_tests::image::{first_differing_page, pattern_image, PAGE_SIZE};
 use mapped_ram_tests::qemu::{
@@ -286,6 +288,12 @@ fn a_page_that_turns_zero_has_a_clear_bit_and_restores_as_zero() {
         );
         assert_eq!(last.pages_punched, if punch { 4 } else { 0 });
         let info = inspect(&path, 0).unwrap();
+        let flags = info.integrity.unwrap().record.flags;
+        assert_eq!(
+            flags & FLAG_CLEAN_ZERO != 0,
+            punch,
+            "clean-zero flag only when the stale page was punched (flags {flags:#x})"
+        );
         let block = &info.blocks[0];
         assert_eq!(block.pages_stored(), 252);
         assert!(!block.bitmap_ref().test(5) && block.bitmap_ref().test(200));
@@ -320,7 +328,8 @@ fn a_page_that_turns_zero_has_a_clear_bit_and_restores_as_zero() {
             );
             assert_eq!(r.zero_pages, 4);
             if punch {
-                assert_eq!(r.zero_pages_in_holes, 4, "{r:?}");
+                // Every clear page was punched: the writer says so and nothing is checked.
+                assert_eq!((r.zero_pages_clean, r.zero_pages_in_holes), (4, 0), "{r:?}");
             } else if max_zero_maps == 0 {
                 assert_eq!(
                     (r.zero_pages_checked, r.stale_pages_zeroed),
@@ -331,6 +340,20 @@ fn a_page_that_turns_zero_has_a_clear_bit_and_restores_as_zero() {
                 assert_eq!((r.zero_maps, r.zero_pages_mapped), (1, 4), "{r:?}");
             }
         }
+        // An update keeps what the file was: stale bytes it did not rewrite stay stale.
+        update(&path, &regions, Changes::Compare, &UpdateOptions::default()).unwrap();
+        let flags = inspect(&path, 0).unwrap().integrity.unwrap().record.flags;
+        assert_eq!(
+            flags & FLAG_CLEAN_ZERO != 0,
+            punch,
+            "after update: {flags:#x}"
+        );
+        let lazy = restore_lazy(&path, &["pc.ram"], &LazyOptions::default()).unwrap();
+        assert_same(
+            &format!("lazy after update (punch {punch})"),
+            &expected,
+            lazy.block("pc.ram").unwrap().mapping().as_slice(),
+        );
     }
 }
 
@@ -811,9 +834,14 @@ fn lazy_restore_matches_copying_restore_for_our_files() {
             assert_same(&what, &copied[0], &ram);
             let r = &lazy.report;
             assert_eq!(r.stale_pages_zeroed, 0, "{what}: {r:?}");
-            if gap == 0 {
-                assert_eq!(r.zero_pages_in_holes, r.zero_pages, "{what}: {r:?}");
-            }
+            // Our writer marks the file clean: no clear page is looked at, whatever the gaps.
+            assert!(r.zero_pages > 0, "{what}: {r:?}");
+            assert_eq!(r.zero_pages_clean, r.zero_pages, "{what}: {r:?}");
+            assert_eq!(
+                (r.zero_pages_in_holes, r.zero_pages_checked, r.check_bytes),
+                (0, 0, 0),
+                "{what}: {r:?}"
+            );
             // Writes go to private copies: the file is unchanged.
             let mut lazy = lazy;
             let m = lazy
@@ -826,6 +854,45 @@ fn lazy_restore_matches_copying_restore_for_our_files() {
         let again = restore_all(&path, &[("pc.ram", ram.len())], offset);
         assert_same("file unchanged by writes to the mapping", &ram, &again[0]);
     }
+}
+
+/// Our files without integrity records (saved with checksums off) carry no clean-zero flag:
+/// the lazy restore looks at their clear pages as it does for QEMU's files.
+#[test]
+fn lazy_restore_of_our_file_without_records_checks_clear_pages() {
+    let dir = disk_dir("lazy-norecords");
+    let (ram, _) = two_blocks(12);
+    let path = dir.join("norecords.mr");
+    save(
+        &path,
+        &[SaveRegion {
+            name: "pc.ram",
+            memory: &ram,
+            page_size: PS,
+        }],
+        &SaveOptions {
+            checksums: false,
+            ..SaveOptions::default()
+        },
+        None,
+    )
+    .unwrap();
+    assert!(inspect(&path, 0).unwrap().integrity.is_none());
+    let lazy = restore_lazy(&path, &[], &LazyOptions::default()).unwrap();
+    let r = &lazy.report;
+    assert_same(
+        "lazy, no records",
+        &ram,
+        lazy.block("pc.ram").unwrap().mapping().as_slice(),
+    );
+    assert!(r.zero_pages > 0, "{r:?}");
+    assert_eq!(r.zero_pages_clean, 0, "{r:?}");
+    assert_eq!(
+        r.zero_pages_in_holes + r.zero_pages_mapped + r.zero_pages_checked,
+        r.zero_pages,
+        "{r:?}"
+    );
+    std::fs::remove_file(&path).unwrap();
 }
 
 /// QEMU's files: lazy restore of every block equals the image QEMU saved.
@@ -956,6 +1023,46 @@ fn stale_bytes_under_clear_bits_of_a_qemu_file_read_as_zero() {
             assert_eq!(r.zero_pages_mapped, 0, "{r:?}");
         }
     }
+    // The userfaultfd restore never reads under a clear bit: faults only, then with prefetch.
+    for prefetch_channels in [0usize, 2] {
+        let opts = UffdOptions {
+            prefetch_channels,
+            ..UffdOptions::default()
+        };
+        let mut r = restore_uffd(&path, &[MAIN_RAM_BLOCK], &opts).unwrap();
+        if prefetch_channels > 0 {
+            r.wait_prefetched().unwrap();
+        }
+        assert_same(
+            &format!("userfaultfd restore, prefetch channels {prefetch_channels}"),
+            &image,
+            r.block(MAIN_RAM_BLOCK).unwrap().as_slice(),
+        );
+        assert!(r.error().is_none());
+    }
+    // And into 2 MiB huge pages, a whole huge page per fault.
+    let Some(_reserved) =
+        mapped_ram_tests::support::reserve_huge_pages("huge_pages", size / (2 << 20) + 2)
+    else {
+        return;
+    };
+    let r = restore_uffd(
+        &path,
+        &[MAIN_RAM_BLOCK],
+        &UffdOptions {
+            prefetch_channels: 0,
+            huge_pages: true,
+            ..UffdOptions::default()
+        },
+    )
+    .unwrap();
+    assert_same(
+        "userfaultfd restore into huge pages",
+        &image,
+        r.block(MAIN_RAM_BLOCK).unwrap().as_slice(),
+    );
+    assert_eq!(r.stats().faults, size / (2 << 20));
+    assert!(r.error().is_none());
 }
 
 /// An updated QEMU file is still a QEMU file: QEMU loads the new memory from it.
