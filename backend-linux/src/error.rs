@@ -61,6 +61,8 @@ pub enum Op {
     ReadMemory,
     /// Writing restored guest memory to a RAM file (`pwrite(2)`).
     WriteMemory,
+    /// `posix_fadvise(2)` of a snapshot (dropping its pages from the page cache).
+    Advise,
 }
 
 impl fmt::Display for Op {
@@ -90,6 +92,7 @@ impl fmt::Display for Op {
             Op::Lock => "flock",
             Op::ReadMemory => "read of guest memory",
             Op::WriteMemory => "write of guest memory",
+            Op::Advise => "posix_fadvise",
         })
     }
 }

@@ -440,6 +440,17 @@ pub(crate) fn try_lock(fd: BorrowedFd<'_>) -> io::Result<bool> {
     }
 }
 
+/// Drops the file's clean pages from the page cache (`posix_fadvise(2)` with
+/// `POSIX_FADV_DONTNEED`): for a snapshot whose pages were copied into guest memory, so that
+/// the restore leaves no second copy of the guest in the page cache.
+///
+/// See [posix_fadvise(2)](https://man7.org/linux/man-pages/man2/posix_fadvise.2.html).
+pub(crate) fn drop_cached(fd: BorrowedFd<'_>) -> io::Result<()> {
+    retrying(Op::Advise, || {
+        rfs::fadvise(fd, 0, None, rfs::Advice::DontNeed).map_err(io_err)
+    })
+}
+
 /// Device and inode of an open file (`fstat(2)`).
 pub(crate) fn identity(fd: BorrowedFd<'_>) -> io::Result<(u64, u64)> {
     retrying(Op::Stat, || {

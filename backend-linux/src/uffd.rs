@@ -826,6 +826,9 @@ pub fn restore_uffd(
                         shared: &shared,
                     };
                     prefetch(&job, channels, &cancel, first.as_ref(), window);
+                    // Every stored page is in guest memory now: the page cache's copy of the
+                    // snapshot is no longer needed (best effort; the restore is done either way).
+                    let _ = file::drop_cached(file.as_fd());
                     shared.prefetch_done.store(true, Ordering::Release);
                 })
                 .map_err(io_err(Op::Map, path, None))?,
