@@ -199,9 +199,14 @@ pub(crate) fn preadv_exact(
 
 /// `pread(2)` up to `buf.len()` bytes at `offset` under the retry policy; returns bytes read.
 pub(crate) fn pread_some(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    pread_some_op(fd, buf, offset, Op::ReadStream)
+}
+
+/// [`pread_some`], asking the fault hook for `op`.
+fn pread_some_op(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64, op: Op) -> io::Result<usize> {
     let mut retry = Retry::default();
     loop {
-        let result = attempt(Op::ReadStream, buf.len())
+        let result = attempt(op, buf.len())
             .and_then(|len| rustix::io::pread(fd, &mut buf[..len], offset).map_err(io_err));
         match result {
             Ok(n) => return Ok(n),
@@ -216,40 +221,24 @@ pub(crate) fn pread_some(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> io:
 pub(crate) fn pread_exact(
     fd: BorrowedFd<'_>,
     buf: &mut [u8],
-    mut offset: u64,
+    offset: u64,
     op: Op,
 ) -> io::Result<()> {
-    let mut retry = Retry::default();
-    let mut done = 0usize;
-    while done < buf.len() {
-        let rest = &mut buf[done..];
-        let result = attempt(op, rest.len())
-            .and_then(|len| rustix::io::pread(fd, &mut rest[..len], offset).map_err(io_err));
-        match result {
-            Ok(0) => return Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
-            Ok(n) => {
-                done += n;
-                offset = offset.saturating_add(n as u64);
-            }
-            Err(e) if retry.again(&e) => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
-/// Reads exactly `buf.len()` bytes at `offset` with plain `pread(2)`.
-pub(crate) fn read_exact_at(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> io::Result<()> {
     let mut done = 0usize;
     while done < buf.len() {
         let rest = buf.get_mut(done..).unwrap_or(&mut []);
-        let n = pread_some(fd, rest, offset.saturating_add(done as u64))?;
+        let n = pread_some_op(fd, rest, offset.saturating_add(done as u64), op)?;
         if n == 0 {
             return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
         }
         done = done.saturating_add(n);
     }
     Ok(())
+}
+
+/// Reads exactly `buf.len()` bytes of the stream at `offset` with plain `pread(2)`.
+pub(crate) fn read_exact_at(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    pread_exact(fd, buf, offset, Op::ReadStream)
 }
 
 /// The file system's name, from `fstatfs(2)`'s magic number, for error messages.
