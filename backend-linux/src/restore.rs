@@ -227,8 +227,16 @@ pub fn restore_from_fds(
         .map(|f| f.contains(rustix::fs::OFlags::DIRECT))
         .unwrap_or(false);
     let mut open = |_probe: Option<u64>| Ok((Channels::Shared(data, opts.channels), direct, None));
-    restore_engine(
-        &info, main, &label, page_size, started, regions, opts, progress, &mut open,
+    run_restore(
+        &info,
+        main,
+        &label,
+        page_size,
+        started,
+        Dest::Slices(regions),
+        opts,
+        progress,
+        &mut open,
     )
 }
 
@@ -264,31 +272,6 @@ pub(crate) enum Dest<'r, 'm> {
 
 /// Writes `bytes` at `offset` of region `region` (see [`Dest::CopyOut`]).
 pub(crate) type WriteOut<'r> = dyn Fn(usize, u64, &[u8]) -> std::io::Result<()> + Sync + 'r;
-
-#[allow(clippy::too_many_arguments)]
-fn restore_engine<'o>(
-    info: &SnapshotInfo,
-    main: BorrowedFd<'_>,
-    path: &Path,
-    page_size: u64,
-    started: Instant,
-    regions: &mut [RestoreRegion<'_>],
-    opts: &RestoreOptions,
-    progress: Option<ProgressFn<'_>>,
-    open: &mut OpenChannels<'o>,
-) -> Result<RestoreReport, RestoreError> {
-    run_restore(
-        info,
-        main,
-        path,
-        page_size,
-        started,
-        Dest::Slices(regions),
-        opts,
-        progress,
-        open,
-    )
-}
 
 #[allow(clippy::too_many_arguments)]
 fn run_restore<'o>(
