@@ -489,8 +489,22 @@ impl<'m, 'f> Writer<'m, 'f> {
                 .map(|f| f.contains(OFlags::DIRECT))
                 .unwrap_or(false);
         } else {
-            let probe_write = if new_file { probe } else { None };
-            let opened = open_channels(
+            // A new file proves O_DIRECT with a write of its first page slot; a copy of a
+            // snapshot already holds data there, so it is proved with a read first (and `Auto`
+            // falls back to buffered I/O when that is refused), then opened without a probe.
+            let (mode, probe_write, fallback) = if new_file {
+                (mode, probe, None)
+            } else {
+                let read = open_channels(self.main(), &path, false, 1, mode, probe)
+                    .map_err(|e| channel_error(e, self.target()))?;
+                let mode = if read.direct {
+                    DirectIo::On
+                } else {
+                    DirectIo::Off
+                };
+                (mode, None, read.fallback)
+            };
+            let mut opened = open_channels(
                 self.main(),
                 &path,
                 true,
@@ -499,11 +513,7 @@ impl<'m, 'f> Writer<'m, 'f> {
                 probe_write,
             )
             .map_err(|e| channel_error(e, self.target()))?;
-            if !new_file && opened.direct {
-                // Check O_DIRECT reads of the copy too (probe without overwriting a page).
-                open_channels(self.main(), &path, false, 1, DirectIo::On, probe)
-                    .map_err(|e| channel_error(e, self.target()))?;
-            }
+            opened.fallback = opened.fallback.or(fallback);
             self.channels = opened.fds;
             self.direct = opened.direct;
             self.fallback = opened.fallback;
