@@ -116,6 +116,18 @@ impl SnapshotInfo {
         Ok(&self.blocks[index])
     }
 
+    /// Where the device state is: its offset and length in bytes (0 for a file that says no
+    /// device state was given, whose stream ends with a bare `QEMU_VM_EOF`).
+    pub fn device_state_range(&self) -> (u64, u64) {
+        let start = self.device_state_offset;
+        let len = if self.device_state_given == Some(false) {
+            0
+        } else {
+            self.device_state_end().saturating_sub(start)
+        };
+        (start, len)
+    }
+
     /// End of the device state: the start of the checksum table, or the end of the file.
     pub fn device_state_end(&self) -> u64 {
         match self.integrity {
@@ -366,11 +378,7 @@ pub(crate) fn device_state_of(
     path: &Path,
     info: &SnapshotInfo,
 ) -> Result<Vec<u8>, FormatError> {
-    if info.device_state_given == Some(false) {
-        return Ok(Vec::new());
-    }
-    let start = info.device_state_offset;
-    let len = info.device_state_end().saturating_sub(start);
+    let (start, len) = info.device_state_range();
     let fail = |e| IoFailure::new(Op::ReadDeviceState, path, Some(start), e);
     let mut buf = Vec::new();
     usize::try_from(len)
@@ -412,12 +420,7 @@ impl DeviceStateReader {
     /// start of its device state.
     pub fn open(path: &Path, offset: u64) -> Result<Self, FormatError> {
         let snap = open_snapshot(path, offset)?;
-        let start = snap.info.device_state_offset;
-        let len = if snap.info.device_state_given == Some(false) {
-            0
-        } else {
-            snap.info.device_state_end().saturating_sub(start)
-        };
+        let (start, len) = snap.info.device_state_range();
         Ok(DeviceStateReader {
             fd: snap.fd,
             start,
