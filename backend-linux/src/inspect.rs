@@ -128,7 +128,8 @@ impl SnapshotInfo {
         (start, len)
     }
 
-    /// End of the device state: the start of the checksum table, or the end of the file.
+    /// End of the device state: the start of our extension or checksum table, or the end of
+    /// the file.
     pub fn device_state_end(&self) -> u64 {
         match self.integrity {
             Some(Integrity {
