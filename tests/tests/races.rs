@@ -203,6 +203,8 @@ fn a_temporary_swapped_for_a_symlink_never_writes_the_link_target() {
 
 #[test]
 fn a_ram_file_written_during_the_save_gives_a_snapshot_that_verifies() {
+    // Faults are process-wide: no save of this test may meet another test's armed hook.
+    let _g = fault::serial();
     let dir = scratch("changing");
     let ram_path = dir.join("guest.ram");
     let len = 32 * MIB;
@@ -311,6 +313,8 @@ fn a_ram_file_truncated_during_the_save_is_an_error_not_sigbus() {
 
 #[test]
 fn a_live_saves_temporary_survives_another_save_of_the_same_target() {
+    // Faults are process-wide: no save of this test may meet another test's armed hook.
+    let _g = fault::serial();
     let dir = scratch("locked-temp");
     let target = dir.join("snap.mr");
     let ram = image(4 * MIB, 8);
@@ -381,6 +385,8 @@ fn a_live_saves_temporary_survives_another_save_of_the_same_target() {
 /// `commit` then puts the new one there. Dropping a finished save keeps the previous one.
 #[test]
 fn finish_pass_returns_before_the_commit() {
+    // Faults are process-wide: no save of this test may meet another test's armed hook.
+    let _g = fault::serial();
     let dir = scratch("finish-pass");
     let target = dir.join("snap.mr");
     let old = image(4 * MIB, 10);
