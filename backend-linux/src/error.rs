@@ -63,6 +63,16 @@ pub enum Op {
     WriteMemory,
     /// `posix_fadvise(2)` of a snapshot (dropping its pages from the page cache).
     Advise,
+    /// An object-store `PUT` (an object of a snapshot, or its manifest).
+    StorePut,
+    /// An object-store `GET` (a ranged read of an object, or the manifest).
+    StoreGet,
+    /// An object-store `HEAD`.
+    StoreHead,
+    /// An object-store listing (`GET` of a bucket with a prefix).
+    StoreList,
+    /// An object-store `DELETE` (one object, or a bulk delete).
+    StoreDelete,
 }
 
 impl fmt::Display for Op {
@@ -93,6 +103,11 @@ impl fmt::Display for Op {
             Op::ReadMemory => "read of guest memory",
             Op::WriteMemory => "write of guest memory",
             Op::Advise => "posix_fadvise",
+            Op::StorePut => "object-store PUT",
+            Op::StoreGet => "object-store GET",
+            Op::StoreHead => "object-store HEAD",
+            Op::StoreList => "object-store listing",
+            Op::StoreDelete => "object-store DELETE",
         })
     }
 }

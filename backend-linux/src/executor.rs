@@ -59,9 +59,17 @@ pub(crate) trait Storage: Sync {
         buf: &mut [u8],
         offset: u64,
     ) -> io::Result<()>;
+    /// The job has written everything of its current chunk on `channel`: a storage that
+    /// gathers a chunk's writes into one request (an object store's `PUT`) sends it now.
+    fn end_chunk(&self, _channel: usize) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 impl<S: Storage + ?Sized> Storage for &S {
+    fn end_chunk(&self, channel: usize) -> io::Result<()> {
+        (**self).end_chunk(channel)
+    }
     fn write_pages(
         &self,
         channel: usize,
@@ -162,6 +170,10 @@ pub(crate) struct Summing<'s, S> {
 }
 
 impl<S: Storage> Storage for Summing<'_, S> {
+    fn end_chunk(&self, channel: usize) -> io::Result<()> {
+        self.inner.end_chunk(channel)
+    }
+
     fn write_pages(&self, channel: usize, at: Pages, data: &[u8], offset: u64) -> io::Result<()> {
         if let Some(sums) = self.sums.get(at.block) {
             for (i, page) in data.chunks_exact(at.page_size as usize).enumerate() {
@@ -218,6 +230,10 @@ pub(crate) struct Verifying<'s, S> {
 }
 
 impl<S: Storage> Storage for Verifying<'_, S> {
+    fn end_chunk(&self, channel: usize) -> io::Result<()> {
+        self.inner.end_chunk(channel)
+    }
+
     fn write_pages(&self, channel: usize, at: Pages, data: &[u8], offset: u64) -> io::Result<()> {
         self.inner.write_pages(channel, at, data, offset)
     }

@@ -37,6 +37,14 @@ pub enum FaultKind {
     /// point at which a test makes a race happen (rename another snapshot over the path,
     /// replace a file with a symbolic link, truncate a RAM file).
     Hook(fn()),
+    /// An object-store request is answered with this HTTP status (e.g. 503) without reaching
+    /// the gateway; the client's retry policy judges it as it would the gateway's answer.
+    Status(u16),
+    /// The request waits this long first, then goes ahead: a slow gateway (the request's
+    /// timeout counts the wait).
+    Delay(std::time::Duration),
+    /// The connection is reset before the request is answered.
+    Reset,
 }
 
 /// One armed fault.
@@ -59,6 +67,9 @@ pub(crate) enum Injected {
     Fail(std::io::Error),
     Short(usize),
     Interrupt,
+    Status(u16),
+    Delay(std::time::Duration),
+    Reset,
 }
 
 #[cfg(feature = "fault-injection")]
@@ -139,6 +150,9 @@ mod imp {
                     }
                     FaultKind::Short(n) => Some(Injected::Short(n)),
                     FaultKind::Interrupt => Some(Injected::Interrupt),
+                    FaultKind::Status(code) => Some(Injected::Status(code)),
+                    FaultKind::Delay(d) => Some(Injected::Delay(d)),
+                    FaultKind::Reset => Some(Injected::Reset),
                     FaultKind::Hook(f) => {
                         // Run it without the table locked: it may do I/O of its own.
                         drop(table);

@@ -87,6 +87,13 @@ fn retrying<T>(op: Op, mut call: impl FnMut() -> io::Result<T>) -> io::Result<T>
             Some(Injected::Interrupt) => {
                 Err(io::Error::from_raw_os_error(Errno::INTR.raw_os_error()))
             }
+            Some(Injected::Delay(d)) => {
+                std::thread::sleep(d);
+                call()
+            }
+            Some(Injected::Status(_)) | Some(Injected::Reset) => {
+                Err(io::Error::from_raw_os_error(Errno::IO.raw_os_error()))
+            }
             Some(Injected::Short(_)) | None => call(),
         };
         match result {
@@ -105,6 +112,13 @@ fn attempt(op: Op, len: usize) -> Result<usize, io::Error> {
         Some(Injected::Fail(e)) => Err(e),
         Some(Injected::Short(n)) => Ok(len.min(n.max(1))),
         Some(Injected::Interrupt) => Err(io::Error::from_raw_os_error(Errno::INTR.raw_os_error())),
+        Some(Injected::Delay(d)) => {
+            std::thread::sleep(d);
+            Ok(len)
+        }
+        Some(Injected::Status(_)) | Some(Injected::Reset) => {
+            Err(io::Error::from_raw_os_error(Errno::IO.raw_os_error()))
+        }
     }
 }
 

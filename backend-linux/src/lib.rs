@@ -61,6 +61,8 @@ mod progress;
 mod restore;
 mod save;
 mod snapshot;
+#[cfg(feature = "s3")]
+pub mod store;
 pub mod synthetic;
 #[allow(unsafe_code)]
 mod sys;

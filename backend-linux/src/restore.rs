@@ -245,6 +245,8 @@ pub fn restore_from_fds(
 enum Channels<'a> {
     Owned(Vec<OwnedFd>),
     Shared(BorrowedFd<'a>, usize),
+    /// Not descriptors: a storage of its own (an object store).
+    Storage(&'a dyn Storage),
 }
 
 impl Channels<'_> {
@@ -252,8 +254,36 @@ impl Channels<'_> {
         match self {
             Channels::Owned(v) => v.iter().map(|f| f.as_fd()).collect(),
             Channels::Shared(fd, n) => vec![*fd; *n],
+            Channels::Storage(_) => Vec::new(),
         }
     }
+}
+
+/// Restores `regions` from the snapshot `info` whose metadata `main` holds and whose pages
+/// `storage` reads (an object store): the same checks, job and report as [`restore()`].
+pub(crate) fn restore_from_storage(
+    info: &SnapshotInfo,
+    main: BorrowedFd<'_>,
+    label: &Path,
+    storage: &dyn Storage,
+    regions: &mut [RestoreRegion<'_>],
+    opts: &RestoreOptions,
+    progress: Option<ProgressFn<'_>>,
+) -> Result<RestoreReport, RestoreError> {
+    let started = Instant::now();
+    let page_size = check_options(regions, opts)?;
+    let mut open = |_probe: Option<u64>| Ok((Channels::Storage(storage), false, None));
+    run_restore(
+        info,
+        main,
+        label,
+        page_size,
+        started,
+        Dest::Slices(regions),
+        opts,
+        progress,
+        &mut open,
+    )
 }
 
 type OpenChannels<'o> =
@@ -334,6 +364,10 @@ fn run_restore<'o>(
     let probe = crate::writer::probe_offset(&layouts, page_size);
     let (channels, direct, fallback) = open(probe)?;
     let files = FileChannels::new(channels.fds(), direct, opts.chunk_bytes);
+    let base: &dyn Storage = match &channels {
+        Channels::Storage(s) => *s,
+        _ => &files,
+    };
     let queue = WorkQueue::new(&layouts, opts.chunk_bytes)
         .map_err(|e| RestoreErrorKind::Internal(e.to_string()))?;
 
@@ -364,13 +398,13 @@ fn run_restore<'o>(
     let counters = Counters::default();
     let total: u64 = layouts.iter().map(|l| l.length).sum();
     let verifying = tables.as_ref().map(|tables| Verifying {
-        inner: &files,
+        inner: base,
         tables,
         stored: &stored,
     });
     let storage: &dyn Storage = match &verifying {
         Some(v) => v,
-        None => &files,
+        None => base,
     };
     let job = RestoreJob {
         blocks: &chosen,

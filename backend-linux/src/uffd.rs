@@ -55,9 +55,9 @@ use mapped_ram_core::bitmap::{words_for, AtomicBitmap, BitmapRef};
 use mapped_ram_core::schedule::Chunk;
 
 use crate::error::{IoFailure, Op, OptionError, RestoreError, RestoreErrorKind};
-use crate::executor::{self, ChunkList, Control, Job, Stopped};
+use crate::executor::{self, ChunkList, Control, Job, Pages, Stopped, Storage};
 use crate::file;
-use crate::inspect::{open_snapshot, BlockInfo};
+use crate::inspect::{open_snapshot, BlockInfo, SnapshotInfo};
 use crate::lazy::choose_blocks;
 use crate::progress::Cancel;
 use crate::save::default_channels;
@@ -703,7 +703,39 @@ pub fn restore_uffd(
 ) -> Result<UffdRestore, RestoreError> {
     let started = Instant::now();
     let snap = open_snapshot(path, opts.offset)?;
-    let chosen = choose_blocks(&snap.info, names)?;
+    let file = Arc::new(snap.fd);
+    let source: Source = Arc::new(FileSource(Arc::clone(&file)));
+    restore_uffd_from(&snap.info, path, source, Some(file), names, opts, started)
+}
+
+/// Where the pages of a userfaultfd restore come from: the snapshot file, or an object store.
+pub(crate) type Source = Arc<dyn Storage + Send + Sync>;
+
+/// The snapshot file as a [`Source`]: `pread(2)` on its descriptor.
+struct FileSource(Arc<OwnedFd>);
+
+impl Storage for FileSource {
+    fn write_pages(&self, _: usize, _: Pages, _: &[u8], _: u64) -> io::Result<()> {
+        Err(io::Error::from(io::ErrorKind::Unsupported))
+    }
+    fn read_pages(&self, _: usize, _: Pages, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        file::preadv_exact(self.0.as_fd(), buf, offset)
+    }
+}
+
+/// [`restore_uffd`] of the snapshot `info` (named `path` in errors) whose pages `source`
+/// reads; `file`, when the source is a local file, has its cached pages dropped after the
+/// prefetch.
+pub(crate) fn restore_uffd_from(
+    info: &SnapshotInfo,
+    path: &Path,
+    source: Source,
+    file: Option<Arc<OwnedFd>>,
+    names: &[&str],
+    opts: &UffdOptions,
+    started: Instant,
+) -> Result<UffdRestore, RestoreError> {
+    let chosen = choose_blocks(info, names)?;
     let (uffd, poison) = open_uffd().map_err(io_err(Op::Map, path, None))?;
     let uffd = Arc::new(uffd);
     let mut blocks = Vec::with_capacity(chosen.len());
@@ -770,12 +802,11 @@ pub fn restore_uffd(
     let stop = rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC)
         .map_err(|e| io_err(Op::Map, path, None)(e.into()))?;
     let stop_reader = stop.try_clone().map_err(io_err(Op::Map, path, None))?;
-    let file = Arc::new(snap.fd);
     let regions = Arc::new(regions);
     let handler = {
-        let (uffd, file, regions, shared) = (
+        let (uffd, source, regions, shared) = (
             Arc::clone(&uffd),
-            Arc::clone(&file),
+            Arc::clone(&source),
             Arc::clone(&regions),
             Arc::clone(&shared),
         );
@@ -787,7 +818,7 @@ pub fn restore_uffd(
             .spawn(move || {
                 Handler {
                     uffd: uffd.as_raw_fd(),
-                    file: file.as_fd(),
+                    source: &*source,
                     path: owned,
                     regions: &regions,
                     shared: &shared,
@@ -801,9 +832,9 @@ pub fn restore_uffd(
     };
     let cancel = Cancel::default();
     let prefetch = if opts.prefetch_channels > 0 {
-        let (uffd, file, regions, shared, cancel) = (
+        let (uffd, source, regions, shared, cancel) = (
             Arc::clone(&uffd),
-            Arc::clone(&file),
+            Arc::clone(&source),
             Arc::clone(&regions),
             Arc::clone(&shared),
             cancel.clone(),
@@ -820,7 +851,7 @@ pub fn restore_uffd(
                     let job = PrefetchJob {
                         huge,
                         uffd: uffd.as_raw_fd(),
-                        file: file.as_fd(),
+                        source: &*source,
                         path: &owned,
                         regions: &regions,
                         shared: &shared,
@@ -828,7 +859,9 @@ pub fn restore_uffd(
                     prefetch(&job, channels, &cancel, first.as_ref(), window);
                     // Every stored page is in guest memory now: the page cache's copy of the
                     // snapshot is no longer needed (best effort; the restore is done either way).
-                    let _ = file::drop_cached(file.as_fd());
+                    if let Some(file) = &file {
+                        let _ = file::drop_cached(file.as_fd());
+                    }
                     shared.prefetch_done.store(true, Ordering::Release);
                 })
                 .map_err(io_err(Op::Map, path, None))?,
@@ -853,7 +886,7 @@ pub fn restore_uffd(
 /// The fault handler's state.
 struct Handler<'a> {
     uffd: RawFd,
-    file: std::os::fd::BorrowedFd<'a>,
+    source: &'a dyn Storage,
     path: PathBuf,
     regions: &'a [Region],
     shared: &'a Shared,
@@ -948,7 +981,7 @@ impl Handler<'_> {
         if self.huge {
             let per = HUGE_PAGE / ps;
             let first = page / per * per;
-            match install_huge(self.uffd, self.file, region, first, buf) {
+            match install_huge(self.uffd, self.source, region, first, buf) {
                 Ok(()) => {
                     region.mark(first..(first + per).min(l.num_pages()));
                     self.shared.fault_pages.fetch_add(per, Ordering::Relaxed);
@@ -983,7 +1016,12 @@ impl Handler<'_> {
             let result = if set {
                 let at = l.pages_offset + run.start * ps;
                 buf.resize(len as usize, 0);
-                match file::preadv_exact(self.file, buf, at) {
+                let pages = Pages {
+                    block: 0,
+                    first: run.start,
+                    page_size: ps,
+                };
+                match self.source.read_pages(0, pages, buf, at) {
                     Ok(()) => copy_pages(self.uffd, dst, buf, ps),
                     Err(e) => {
                         self.shared
@@ -1025,7 +1063,7 @@ impl Handler<'_> {
 /// the file, its clear pages zero (hugetlb has no `UFFDIO_ZEROPAGE`), one `UFFDIO_COPY`.
 fn install_huge(
     uffd: RawFd,
-    file: std::os::fd::BorrowedFd<'_>,
+    source: &dyn Storage,
     region: &Region,
     first: u64,
     buf: &mut Vec<u8>,
@@ -1042,7 +1080,14 @@ fn install_huge(
         let at = l.pages_offset + run.start * ps;
         let from = ((run.start - first) * ps) as usize;
         let to = ((run.end - first) * ps) as usize;
-        file::preadv_exact(file, &mut buf[from..to], at).map_err(|e| (Op::ReadPages, at, e))?;
+        let pages = Pages {
+            block: 0,
+            first: run.start,
+            page_size: ps,
+        };
+        source
+            .read_pages(0, pages, &mut buf[from..to], at)
+            .map_err(|e| (Op::ReadPages, at, e))?;
     }
     let dst = region.addr + first * ps;
     copy_pages(uffd, dst, buf, HUGE_PAGE).map_err(|e| (Op::Map, l.pages_offset + first * ps, e))
@@ -1052,7 +1097,7 @@ fn install_huge(
 struct PrefetchJob<'a> {
     huge: bool,
     uffd: RawFd,
-    file: std::os::fd::BorrowedFd<'a>,
+    source: &'a dyn Storage,
     path: &'a Path,
     regions: &'a [Region],
     shared: &'a Shared,
@@ -1066,7 +1111,7 @@ impl Job for PrefetchJob<'_> {
         Vec::new()
     }
 
-    fn chunk(&self, _: usize, buf: &mut Vec<u8>, item: &Chunk) -> Result<u64, RestoreError> {
+    fn chunk(&self, ch: usize, buf: &mut Vec<u8>, item: &Chunk) -> Result<u64, RestoreError> {
         let region = &self.regions[item.block];
         let l = &region.info.layout;
         let ps = l.page_size;
@@ -1075,7 +1120,7 @@ impl Job for PrefetchJob<'_> {
             let mut first = item.start;
             while first < item.end {
                 if !region.is_installed(first) {
-                    install_huge(self.uffd, self.file, region, first, buf)
+                    install_huge(self.uffd, self.source, region, first, buf)
                         .map_err(|(op, at, e)| io_err(op, self.path, Some(at))(e))?;
                     region.mark(first..(first + per).min(l.num_pages()));
                     self.shared.prefetched.fetch_add(per, Ordering::Relaxed);
@@ -1104,7 +1149,12 @@ impl Job for PrefetchJob<'_> {
             let at = l.pages_offset + run.start * ps;
             let len = ((run.end - run.start) * ps) as usize;
             buf.resize(len, 0);
-            file::preadv_exact(self.file, buf, at).map_err(io_err(
+            let pages = Pages {
+                block: item.block,
+                first: run.start,
+                page_size: ps,
+            };
+            self.source.read_pages(ch, pages, buf, at).map_err(io_err(
                 Op::ReadPages,
                 self.path,
                 Some(at),

@@ -11,8 +11,7 @@ use mapped_ram_core::schedule::{Chunk, WorkQueue};
 
 use crate::blocks::{self, Wanted};
 use crate::error::{BlockMismatch, FormatError, IoFailure, Op};
-use crate::executor::{self, Control, Job, Stopped};
-use crate::file;
+use crate::executor::{self, Control, FileChannels, Job, Pages, Stopped, Storage};
 use crate::inspect::{open_snapshot, BlockInfo, SnapshotInfo};
 use crate::integrity;
 use crate::save::{default_channels, SaveRegion};
@@ -105,7 +104,7 @@ impl Findings {
 /// The channel work of a verification: a chunk's stored pages read and checked against their
 /// checksums and the expected RAM; its clear pages checked to be zero in the RAM.
 struct VerifyJob<'a> {
-    fd: BorrowedFd<'a>,
+    storage: &'a dyn Storage,
     path: &'a Path,
     blocks: &'a [BlockInfo],
     memory: &'a [Option<&'a [u8]>],
@@ -124,7 +123,7 @@ impl Job for VerifyJob<'_> {
         vec![0u8; self.chunk_bytes]
     }
 
-    fn chunk(&self, _: usize, buf: &mut Vec<u8>, chunk: &Chunk) -> Result<u64, FormatError> {
+    fn chunk(&self, ch: usize, buf: &mut Vec<u8>, chunk: &Chunk) -> Result<u64, FormatError> {
         let b = chunk.block;
         let block = &self.blocks[b];
         let layout = block.layout;
@@ -148,9 +147,16 @@ impl Job for VerifyJob<'_> {
         for run in map.runs_in(chunk.range(), true) {
             let bytes = ((run.end - run.start) * ps) as usize;
             let at = layout.pages_offset + run.start * ps;
-            file::preadv_exact(self.fd, &mut buf[..bytes], at).map_err(|e| {
-                FormatError::from(IoFailure::new(Op::ReadPages, self.path, Some(at), e))
-            })?;
+            let pages = Pages {
+                block: b,
+                first: run.start,
+                page_size: ps,
+            };
+            self.storage
+                .read_pages(ch, pages, &mut buf[..bytes], at)
+                .map_err(|e| {
+                    FormatError::from(IoFailure::new(Op::ReadPages, self.path, Some(at), e))
+                })?;
             for (i, data) in buf[..bytes].chunks_exact(ps as usize).enumerate() {
                 let page = run.start + i as u64;
                 if let Some(sums) = sums {
@@ -183,10 +189,22 @@ pub fn verify(
     expected: &[SaveRegion<'_>],
 ) -> Result<VerifyReport, VerifyError> {
     let snap = open_snapshot(path, offset)?;
-    let info: &SnapshotInfo = &snap.info;
+    let files = FileChannels::new(vec![snap.fd.as_fd()], false, 0);
+    verify_on(&snap.info, snap.fd.as_fd(), path, &files, expected)
+}
+
+/// [`verify()`] of the snapshot `info` whose metadata `main` holds and whose pages `storage`
+/// reads.
+pub(crate) fn verify_on(
+    info: &SnapshotInfo,
+    main: BorrowedFd<'_>,
+    path: &Path,
+    storage: &dyn Storage,
+    expected: &[SaveRegion<'_>],
+) -> Result<VerifyReport, VerifyError> {
     let layouts: Vec<BlockLayout> = info.blocks.iter().map(|b| b.layout).collect();
     let tables = match &info.integrity {
-        Some(i) => Some(integrity::read_table(snap.fd.as_fd(), path, i, &layouts)?),
+        Some(i) => Some(integrity::read_table(main, path, i, &layouts)?),
         None => None,
     };
     let index = blocks::find_all(
@@ -227,7 +245,7 @@ pub fn verify(
         ))
     })?;
     let job = VerifyJob {
-        fd: snap.fd.as_fd(),
+        storage,
         path,
         blocks: &info.blocks,
         memory: &memory,

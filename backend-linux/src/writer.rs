@@ -24,13 +24,15 @@ use std::time::Instant;
 
 use mapped_ram_core::bitmap::{self, words_for, AtomicBitmap, Bitmap, BitmapRef};
 use mapped_ram_core::layout::BlockLayout;
+use mapped_ram_core::objects::object_chunks;
 use mapped_ram_core::schedule::{self, Chunk, WorkQueue, WritePolicy};
 use rustix::fs::OFlags;
 
 use crate::commit::{self, Retired, Temp};
 use crate::error::{IoFailure, Op, OptionError, SaveError};
 use crate::executor::{
-    self, open_channels, ChannelError, Control, FileChannels, Job, Pages, Stopped, Storage, Summing,
+    self, open_channels, ChannelError, ChunkList, Claim, Control, FileChannels, Job, Pages,
+    Stopped, Storage, Summing,
 };
 use crate::file::{self, DirectIo};
 use crate::integrity;
@@ -217,6 +219,9 @@ pub(crate) struct Writer<'m, 'f> {
     pub passes: Vec<PassReport>,
     pub started: Instant,
     pub stale_removed: Vec<PathBuf>,
+    /// Where page data goes instead of the channel descriptors (an object store), and the
+    /// object size it gathers writes into (see [`Writer::with_sink`]).
+    sink: Option<(&'f dyn Storage, u64)>,
 }
 
 fn io(op: Op, path: &Path, offset: Option<u64>) -> impl FnOnce(std::io::Error) -> SaveError + '_ {
@@ -373,6 +378,7 @@ impl<'m, 'f> Writer<'m, 'f> {
             passes: Vec::new(),
             started,
             stale_removed,
+            sink: None,
         };
         let path = w.path().to_path_buf();
         let main = w.main();
@@ -395,6 +401,18 @@ impl<'m, 'f> Writer<'m, 'f> {
         }
         w.open_channels(so.direct_io, true)?;
         Ok(w)
+    }
+
+    /// Sends page data to `sink` instead of the descriptors: chunks are cut at multiples of
+    /// `object_bytes` ([`mapped_ram_core::objects::object_chunks`]) and the sink is told when
+    /// each is complete ([`Storage::end_chunk`]). The main descriptor still receives the
+    /// stream, the bitmaps and the checksums.
+    pub fn with_sink(mut self, sink: &'f dyn Storage, object_bytes: u64, label: &Path) -> Self {
+        if let Dest::Fds { label: l, .. } = &mut self.dest {
+            *l = label.to_path_buf();
+        }
+        self.sink = Some((sink, object_bytes));
+        self
     }
 
     /// A copy of the existing snapshot `old` (open on `old_fd`, structure `info`), made as
@@ -473,6 +491,7 @@ impl<'m, 'f> Writer<'m, 'f> {
             passes: Vec::new(),
             started,
             stale_removed,
+            sink: None,
         };
         // The copy holds data already: probe O_DIRECT with a read, never a write.
         w.open_channels(so.direct_io, false)?;
@@ -548,15 +567,28 @@ impl<'m, 'f> Writer<'m, 'f> {
                 Dest::Temp { .. } => self.channels.iter().map(|f| f.as_fd()).collect(),
             };
             let files = FileChannels::new(fds, self.direct, self.settings.chunk_bytes);
-            let queue = WorkQueue::new(&self.layouts, self.settings.chunk_bytes)?;
+            let (target, queue): (&dyn Storage, Box<dyn Claim + '_>) = match self.sink {
+                Some((sink, object_bytes)) => (
+                    sink,
+                    Box::new(ChunkList::new(
+                        object_chunks(&self.layouts, object_bytes)
+                            .map(|c| c.chunk)
+                            .collect(),
+                    )),
+                ),
+                None => (
+                    &files,
+                    Box::new(WorkQueue::new(&self.layouts, self.settings.chunk_bytes)?),
+                ),
+            };
             let total = self.layouts.iter().map(|l| l.length).sum();
             let summing = self.state.sums.as_ref().map(|sums| Summing {
-                inner: &files,
+                inner: target,
                 sums,
             });
             let storage: &dyn Storage = match &summing {
                 Some(s) => s,
-                None => &files,
+                None => target,
             };
             let job = PassJob {
                 blocks: &self.blocks,
@@ -576,7 +608,7 @@ impl<'m, 'f> Writer<'m, 'f> {
                 progress,
                 total,
             };
-            let result = executor::execute(self.settings.channels, &queue, &job, ctl);
+            let result = executor::execute(self.settings.channels, &*queue, &job, ctl);
             match result {
                 Ok(()) => {}
                 Err(Stopped::Failed(e)) => return Err(e),
@@ -862,6 +894,10 @@ impl Job for PassJob<'_, '_> {
                 }
             }
         }
+        self.storage.end_chunk(ch).map_err(|e| {
+            let at = layout.page_offset(chunk.start).ok();
+            SaveError::Io(IoFailure::new(Op::WritePages, self.path, at, e))
+        })?;
         Ok(chunk.pages() * layout.page_size)
     }
 }

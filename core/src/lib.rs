@@ -37,6 +37,7 @@ pub mod caps;
 pub mod integrity;
 pub mod layout;
 pub mod matching;
+pub mod objects;
 pub mod plan;
 pub mod schedule;
 pub mod stream;
