@@ -182,6 +182,16 @@ impl WorkingSet {
 
     /// Writes the working set to `path` (replacing it in one step: a temporary, then rename).
     pub fn save(&self, path: &Path) -> Result<(), RestoreError> {
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(".tmp");
+        let tmp = PathBuf::from(tmp);
+        std::fs::write(&tmp, self.to_text()).map_err(io_err(Op::WriteStream, &tmp, None))?;
+        std::fs::rename(&tmp, path).map_err(io_err(Op::Rename, path, None))?;
+        Ok(())
+    }
+
+    /// The working set in its stored form (see the type's docs).
+    pub fn to_text(&self) -> String {
         let mut text = String::with_capacity(self.pages.len() * 16 + 32);
         text.push_str(WS_MAGIC);
         text.push('\n');
@@ -191,18 +201,18 @@ impl WorkingSet {
             text.push_str(&page.to_string());
             text.push('\n');
         }
-        let mut tmp = path.as_os_str().to_owned();
-        tmp.push(".tmp");
-        let tmp = PathBuf::from(tmp);
-        std::fs::write(&tmp, text).map_err(io_err(Op::WriteStream, &tmp, None))?;
-        std::fs::rename(&tmp, path).map_err(io_err(Op::Rename, path, None))?;
-        Ok(())
+        text
     }
 
     /// Reads a working set written by [`WorkingSet::save`]; a malformed file is an error that
     /// names the file and the byte offset of the bad line.
     pub fn load(path: &Path) -> Result<Self, RestoreError> {
         let text = std::fs::read(path).map_err(io_err(Op::ReadStream, path, None))?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses the stored form (see the type's docs); `path` names it in errors.
+    pub fn parse(text: &[u8], path: &Path) -> Result<Self, RestoreError> {
         let bad = |offset: usize, message: &str| -> RestoreError {
             RestoreErrorKind::from(crate::error::FormatError::Stream {
                 path: path.to_path_buf(),
@@ -211,7 +221,7 @@ impl WorkingSet {
             })
             .into()
         };
-        let text = std::str::from_utf8(&text).map_err(|e| bad(e.valid_up_to(), "not UTF-8"))?;
+        let text = std::str::from_utf8(text).map_err(|e| bad(e.valid_up_to(), "not UTF-8"))?;
         let mut pages = Vec::new();
         let mut offset = 0usize;
         for (i, line) in text.split_terminator('\n').enumerate() {
@@ -1007,6 +1017,40 @@ impl Handler<'_> {
         let Ok(bits) = BitmapRef::new(&region.info.bitmap, l.num_pages()) else {
             return;
         };
+        // The window's stored pages in one read over their span (one request to an object
+        // store), gaps read through.
+        let span = match (
+            bits.runs_in(first..end, true).next(),
+            bits.runs_in(first..end, true).last(),
+        ) {
+            (Some(a), Some(b)) => Some(a.start..b.end),
+            _ => None,
+        };
+        let mut read_ok = true;
+        if let Some(span) = &span {
+            let at = l.pages_offset + span.start * ps;
+            buf.resize(((span.end - span.start) * ps) as usize, 0);
+            let pages = Pages {
+                block: 0,
+                first: span.start,
+                page_size: ps,
+            };
+            if let Err(e) = self.source.read_pages(0, pages, buf, at) {
+                read_ok = false;
+                self.shared
+                    .fail(io_err(Op::ReadPages, &self.path, Some(at))(e));
+                if span.contains(&page) && bits.test(page) && self.poison {
+                    let mut p = UffdioPoison {
+                        range: UffdioRange {
+                            start: region.addr + page * ps,
+                            len: ps,
+                        },
+                        ..UffdioPoison::default()
+                    };
+                    let _ = ioctl(self.uffd, UFFDIO_POISON, &mut p);
+                }
+            }
+        }
         for (set, run) in [true, false]
             .into_iter()
             .flat_map(|set| bits.runs_in(first..end, set).map(move |r| (set, r)))
@@ -1014,31 +1058,11 @@ impl Handler<'_> {
             let dst = region.addr + run.start * ps;
             let len = (run.end - run.start) * ps;
             let result = if set {
-                let at = l.pages_offset + run.start * ps;
-                buf.resize(len as usize, 0);
-                let pages = Pages {
-                    block: 0,
-                    first: run.start,
-                    page_size: ps,
+                let (Some(span), true) = (&span, read_ok) else {
+                    continue;
                 };
-                match self.source.read_pages(0, pages, buf, at) {
-                    Ok(()) => copy_pages(self.uffd, dst, buf, ps),
-                    Err(e) => {
-                        self.shared
-                            .fail(io_err(Op::ReadPages, &self.path, Some(at))(e));
-                        if run.contains(&page) && self.poison {
-                            let mut p = UffdioPoison {
-                                range: UffdioRange {
-                                    start: region.addr + page * ps,
-                                    len: ps,
-                                },
-                                ..UffdioPoison::default()
-                            };
-                            let _ = ioctl(self.uffd, UFFDIO_POISON, &mut p);
-                        }
-                        continue;
-                    }
-                }
+                let from = ((run.start - span.start) * ps) as usize;
+                copy_pages(self.uffd, dst, &buf[from..from + len as usize], ps)
             } else {
                 zero_pages(self.uffd, dst, len, ps)
             };
@@ -1145,25 +1169,30 @@ impl Job for PrefetchJob<'_> {
                 }
             }
         }
+        // One read over the span of the runs (gaps read through: one request to an object
+        // store, one system call for a file), then each run installed from it.
+        let (Some(first), Some(last)) = (todo.first(), todo.last()) else {
+            return Ok(item.pages() * ps);
+        };
+        let span = first.start..last.end;
+        let at = l.pages_offset + span.start * ps;
+        buf.resize(((span.end - span.start) * ps) as usize, 0);
+        let pages = Pages {
+            block: item.block,
+            first: span.start,
+            page_size: ps,
+        };
+        self.source.read_pages(ch, pages, buf, at).map_err(io_err(
+            Op::ReadPages,
+            self.path,
+            Some(at),
+        ))?;
         for run in todo {
+            let from = ((run.start - span.start) * ps) as usize;
+            let to = ((run.end - span.start) * ps) as usize;
             let at = l.pages_offset + run.start * ps;
-            let len = ((run.end - run.start) * ps) as usize;
-            buf.resize(len, 0);
-            let pages = Pages {
-                block: item.block,
-                first: run.start,
-                page_size: ps,
-            };
-            self.source.read_pages(ch, pages, buf, at).map_err(io_err(
-                Op::ReadPages,
-                self.path,
-                Some(at),
-            ))?;
-            copy_pages(self.uffd, region.addr + run.start * ps, buf, ps).map_err(io_err(
-                Op::Map,
-                self.path,
-                Some(at),
-            ))?;
+            copy_pages(self.uffd, region.addr + run.start * ps, &buf[from..to], ps)
+                .map_err(io_err(Op::Map, self.path, Some(at)))?;
             region.mark(run.clone());
             self.shared
                 .prefetched

@@ -62,8 +62,10 @@ impl Client {
                 max_retries: opts.retries,
                 retry_timeout: opts.retry_timeout,
             })
+            // Replaces the options `from_env` read: `AWS_ALLOW_HTTP` is read again here.
             .with_client_options(
                 ClientOptions::new()
+                    .with_allow_http(env_true("AWS_ALLOW_HTTP"))
                     .with_connect_timeout(opts.request_timeout.min(Duration::from_secs(10)))
                     .with_pool_max_idle_per_host(opts.channels.max(1) * 2),
             )
@@ -200,6 +202,12 @@ impl Client {
             })
             .map_err(|e| convert(&name, e))
     }
+}
+
+/// Whether the environment variable `name` says true.
+fn env_true(name: &str) -> bool {
+    std::env::var(name)
+        .is_ok_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes"))
 }
 
 /// An `object_store` error as an `io::Error` that names the object.

@@ -63,7 +63,7 @@ use crate::inspect::SnapshotInfo;
 use crate::progress::ProgressFn;
 use crate::restore::{RestoreOptions, RestoreRegion, RestoreReport};
 use crate::save::{SaveOptions, SaveRegion, SaveReport};
-use crate::uffd::{UffdOptions, UffdRestore};
+use crate::uffd::{UffdOptions, UffdRestore, WorkingSet};
 use crate::verify::{VerifyError, VerifyReport};
 use crate::LiveRegion;
 
@@ -442,6 +442,9 @@ impl Store {
         if opts.prefetch_channels > 0 {
             opts.prefetch_channels = self.opts.channels;
         }
+        if opts.working_set.is_none() {
+            opts.working_set = self.working_set_of(&snap.source.manifest().generation)?;
+        }
         let label = snap.label.clone();
         let source: crate::uffd::Source = Arc::new(snap.source);
         Ok(crate::uffd::restore_uffd_from(
@@ -468,6 +471,39 @@ impl Store {
         progress: Option<ProgressFn<'_>>,
     ) -> Result<TransferReport, StoreError> {
         transfer::get(self, path, progress)
+    }
+
+    /// Stores `ws` (recorded by a restore of this snapshot, [`UffdRestore::working_set`]) with
+    /// the snapshot now at the address: later [`Store::restore_uffd`]s prefetch it first. It
+    /// lives and is deleted with the snapshot's generation.
+    pub fn save_working_set(&self, ws: &WorkingSet) -> Result<(), StoreError> {
+        let url = self.url();
+        let (m, _) = self
+            .current()?
+            .ok_or_else(|| StoreError::NoSnapshot { url: url.clone() })?;
+        let key = self.working_set_key(&m.generation);
+        self.client
+            .put(&key, bytes::Bytes::from(ws.to_text()))
+            .map_err(|e| IoFailure::new(Op::StorePut, &url, None, e))?;
+        Ok(())
+    }
+
+    /// The working set stored with generation `generation`, if any.
+    fn working_set_of(&self, generation: &str) -> Result<Option<WorkingSet>, StoreError> {
+        let key = self.working_set_key(generation);
+        let url = self.url();
+        match self.client.get(&key) {
+            Ok(Some(f)) => Ok(Some(WorkingSet::parse(&f.bytes, Path::new(&url))?)),
+            Ok(None) => Ok(None),
+            Err(e) => Err(IoFailure::new(Op::StoreGet, &url, None, e).into()),
+        }
+    }
+
+    fn working_set_key(&self, generation: &str) -> String {
+        format!(
+            "{}{generation}/working-set",
+            self.client.url.objects_prefix()
+        )
     }
 
     /// The manifest at the address and its entity tag; `None` when there is none.

@@ -130,10 +130,23 @@ pub(crate) fn commit_manifest(
         reason: e.to_string(),
     })?;
     let e_tag = current.as_ref().and_then(|(_, tag)| tag.as_deref());
-    if let Err(e) = store
+    let key = &store.client.url.key;
+    let body = Bytes::from(body);
+    // The entity tag without its quotes first: Ceph RGW 16.2 compares `If-Match` with the
+    // bare tag and answers 412 to the quoted form even when it matches. If a store refuses
+    // the bare form while the manifest is still the one we saw, the quoted form is sent.
+    let mut result = store
         .client
-        .put_if(&store.client.url.key, Bytes::from(body), e_tag)
-    {
+        .put_if(key, body.clone(), e_tag.map(|t| t.trim_matches('"')));
+    if let (Err(e), Some(seen)) = (&result, e_tag) {
+        if e.kind() == std::io::ErrorKind::AlreadyExists {
+            let now = store.current()?.and_then(|(_, t)| t);
+            if now.as_deref() == Some(seen) && seen.starts_with('"') {
+                result = store.client.put_if(key, body, Some(seen));
+            }
+        }
+    }
+    if let Err(e) = result {
         undo(store, &manifest.generation);
         if e.kind() == std::io::ErrorKind::AlreadyExists {
             return Err(StoreError::Conflict { url });
