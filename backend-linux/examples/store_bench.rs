@@ -113,11 +113,26 @@ fn main() {
         let pages = size / PS;
         let mut state = 0x9E37_79B9_7F4A_7C15u64;
         let mut sum = 0u64;
-        for _ in 0..pages / 10 {
+        let touches = if std::env::var_os("STORE_BENCH_NO_TOUCH").is_some() {
+            0
+        } else {
+            pages / 10
+        };
+        for _ in 0..touches {
             state ^= state << 13;
             state ^= state >> 7;
             state ^= state << 17;
             let p = (state % pages as u64) as usize;
+            if std::env::var_os("STORE_BENCH_TRACE").is_some() && state % 1024 == 0 {
+                let st = lazy.stats();
+                eprintln!(
+                    "{:8.1} ms faults {} prefetched {} done {}",
+                    t.elapsed().as_secs_f64() * 1e3,
+                    st.faults,
+                    st.prefetched_pages,
+                    st.prefetch_done
+                );
+            }
             sum = sum.wrapping_add(u64::from(mem[p * PS]));
             assert_eq!(mem[p * PS..p * PS + 64], ram[p * PS..p * PS + 64]);
         }

@@ -1019,9 +1019,12 @@ impl Handler<'_> {
         };
         // The window's stored pages in one read over their span (one request to an object
         // store), gaps read through.
+        let missing = |r: std::ops::Range<u64>| r.clone().any(|p| !region.is_installed(p));
         let span = match (
-            bits.runs_in(first..end, true).next(),
-            bits.runs_in(first..end, true).last(),
+            bits.runs_in(first..end, true).find(|r| missing(r.clone())),
+            bits.runs_in(first..end, true)
+                .filter(|r| missing(r.clone()))
+                .last(),
         ) {
             (Some(a), Some(b)) => Some(a.start..b.end),
             _ => None,
@@ -1061,6 +1064,9 @@ impl Handler<'_> {
                 let (Some(span), true) = (&span, read_ok) else {
                     continue;
                 };
+                if run.start < span.start || run.end > span.end {
+                    continue; // installed already
+                }
                 let from = ((run.start - span.start) * ps) as usize;
                 copy_pages(self.uffd, dst, &buf[from..from + len as usize], ps)
             } else {
@@ -1156,6 +1162,29 @@ impl Job for PrefetchJob<'_> {
         let bits = BitmapRef::new(&region.info.bitmap, l.num_pages()).map_err(|e| {
             io_err(Op::Map, self.path, Some(l.bitmap_offset))(io::Error::other(format!("{e:?}")))
         })?;
+        // The clear pages of the chunk read as zero: installed as such (the shared zero page),
+        // so that once the prefetch is done the guest takes no more faults.
+        for run in bits.runs_in(item.range(), false) {
+            let mut p = run.start;
+            while p < run.end {
+                if region.is_installed(p) {
+                    p += 1;
+                    continue;
+                }
+                let mut e = p + 1;
+                while e < run.end && !region.is_installed(e) {
+                    e += 1;
+                }
+                let at = l.pages_offset + p * ps;
+                zero_pages(self.uffd, region.addr + p * ps, (e - p) * ps, ps).map_err(io_err(
+                    Op::Map,
+                    self.path,
+                    Some(at),
+                ))?;
+                region.mark(p..e);
+                p = e;
+            }
+        }
         // The stored pages of the chunk that are not installed yet, as runs.
         let mut todo: Vec<std::ops::Range<u64>> = Vec::new();
         for run in bits.runs_in(item.range(), true) {
