@@ -246,6 +246,7 @@ enum Channels<'a> {
     Owned(Vec<OwnedFd>),
     Shared(BorrowedFd<'a>, usize),
     /// Not descriptors: a storage of its own (an object store).
+    #[cfg_attr(not(feature = "s3"), allow(dead_code))]
     Storage(&'a dyn Storage),
 }
 
@@ -261,6 +262,7 @@ impl Channels<'_> {
 
 /// Restores `regions` from the snapshot `info` whose metadata `main` holds and whose pages
 /// `storage` reads (an object store): the same checks, job and report as [`restore()`].
+#[cfg_attr(not(feature = "s3"), allow(dead_code))]
 pub(crate) fn restore_from_storage(
     info: &SnapshotInfo,
     main: BorrowedFd<'_>,

@@ -407,6 +407,7 @@ impl<'m, 'f> Writer<'m, 'f> {
     /// `object_bytes` ([`mapped_ram_core::objects::object_chunks`]) and the sink is told when
     /// each is complete ([`Storage::end_chunk`]). The main descriptor still receives the
     /// stream, the bitmaps and the checksums.
+    #[cfg_attr(not(feature = "s3"), allow(dead_code))]
     pub fn with_sink(mut self, sink: &'f dyn Storage, object_bytes: u64, label: &Path) -> Self {
         if let Dest::Fds { label: l, .. } = &mut self.dest {
             *l = label.to_path_buf();

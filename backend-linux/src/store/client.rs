@@ -65,7 +65,13 @@ impl Client {
             // Replaces the options `from_env` read: `AWS_ALLOW_HTTP` is read again here.
             .with_client_options(
                 ClientOptions::new()
-                    .with_allow_http(env_true("AWS_ALLOW_HTTP"))
+                    .with_allow_http(
+                        env_true("AWS_ALLOW_HTTP")
+                            || opts
+                                .endpoint
+                                .as_deref()
+                                .is_some_and(|e| e.starts_with("http://")),
+                    )
                     .with_connect_timeout(opts.request_timeout.min(Duration::from_secs(10)))
                     .with_pool_max_idle_per_host(opts.channels.max(1) * 2),
             )
@@ -79,6 +85,17 @@ impl Client {
             if let Some(region) = std::env::var_os("AWS_REGION") {
                 builder = builder.with_region(region.to_string_lossy());
             }
+        }
+        if let Some(endpoint) = &opts.endpoint {
+            builder = builder.with_endpoint(endpoint);
+        }
+        if let Some((key, secret)) = &opts.credentials {
+            builder = builder
+                .with_access_key_id(key)
+                .with_secret_access_key(secret);
+        }
+        if let Some(region) = &opts.region {
+            builder = builder.with_region(region);
         }
         let store = builder.build().map_err(|e| other(&url.display(), e))?;
         Ok(Self {

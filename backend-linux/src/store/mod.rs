@@ -35,10 +35,10 @@
 //!
 //! # The executor
 //!
-//! The store is one more [`Storage`](crate::executor) under the one executor, not another
+//! The store is one more `Storage` under the one executor (`executor.rs`), not another
 //! engine: the save is the write engine with a storage that gathers each chunk into one
-//! object ([`sink`]); restore, verify and the userfaultfd restore read through a storage whose
-//! `read_pages` are ranged `GET`s ([`source`]). Requests go through the `object_store` crate
+//! object (`sink.rs`); restore, verify and the userfaultfd restore read through a storage whose
+//! `read_pages` are ranged `GET`s (`source.rs`). Requests go through the `object_store` crate
 //! (Apache Arrow's), whose S3 client brings signing, retries with exponential backoff on
 //! 5xx, 429, timeouts and connection errors, and conditional `PUT`s; this module adds the
 //! request timeout and the fault seam under those retries.
@@ -158,6 +158,13 @@ pub struct StoreOptions {
     /// once: one writer per key, as one host owns a guest. Give concurrent writers to a key a
     /// grace longer than a save takes.
     pub orphan_grace: Duration,
+    /// The endpoint (`http://127.0.0.1:7480`), instead of `AWS_ENDPOINT_URL` /
+    /// `AWS_ENDPOINT`; plain `http` is then allowed.
+    pub endpoint: Option<String>,
+    /// Access key id and secret, instead of `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY`.
+    pub credentials: Option<(String, String)>,
+    /// The region, instead of `AWS_DEFAULT_REGION` / `AWS_REGION`.
+    pub region: Option<String>,
 }
 
 impl Default for StoreOptions {
@@ -169,6 +176,9 @@ impl Default for StoreOptions {
             retry_timeout: Duration::from_secs(60),
             request_timeout: Duration::from_secs(30),
             orphan_grace: Duration::ZERO,
+            endpoint: None,
+            credentials: None,
+            region: None,
         }
     }
 }
