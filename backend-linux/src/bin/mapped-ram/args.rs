@@ -3,9 +3,14 @@
 //! Every flag is checked here, before any file is touched: a value out of its range is a usage
 //! error (exit status 2) that names the flag and the range.
 
+use std::ffi::OsStr;
 use std::path::PathBuf;
+use std::time::Duration;
 
+use clap::builder::TypedValueParser;
 use clap::{Args, Parser, Subcommand};
+use mapped_ram_linux::store::manifest::{MAX_OBJECT_BYTES, MIN_OBJECT_BYTES};
+use mapped_ram_linux::store::StoreUrl;
 use mapped_ram_linux::{DirectIo, ZeroPages};
 
 /// The largest `--offset` that `save` writes into a new file, or into a target shorter than
@@ -35,7 +40,19 @@ pub const MAX_DEMO_SIZE: u64 = 1 << 40;
 /// in memory while saving.
 pub const MAX_DEVICE_STATE: u64 = 1 << 30;
 
+/// The largest `--retries`: 100 (with backoff capped at 5 s, more only waits longer).
+pub const MAX_RETRIES: usize = 100;
+
+/// The largest `--request-timeout`: one hour (one object of at most 256 MiB per request).
+pub const MAX_REQUEST_TIMEOUT_SECS: f64 = 3600.0;
+
+/// The largest `--retry-timeout` and `--orphan-grace`: 30 days.
+pub const MAX_WAIT_SECS: f64 = 30.0 * 86400.0;
+
 /// Save and restore guest RAM in QEMU's mapped-ram file format, at disk speed.
+///
+/// A snapshot is a local file or, with `s3://BUCKET/KEY`, a snapshot in an S3-compatible
+/// object store (endpoint and credentials from the AWS_* environment).
 ///
 /// Exit status: 0 on success; 1 on failure, with one line `error: …` on stderr; 2 on a usage
 /// error; 130 after SIGINT and 143 after SIGTERM (the operation was cancelled, a save's
@@ -54,17 +71,100 @@ pub struct Cli {
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Save RAM files to a mapped-ram snapshot.
+    /// Save RAM files to a mapped-ram snapshot (a file or s3://BUCKET/KEY).
+    #[command(after_long_help = SAVE_EXAMPLES)]
     Save(SaveArgs),
-    /// Restore RAM files from a snapshot (ours or QEMU's).
+    /// Restore RAM files from a snapshot (ours or QEMU's; a file or s3://BUCKET/KEY).
+    #[command(after_long_help = RESTORE_EXAMPLES)]
     Restore(RestoreArgs),
-    /// Show a snapshot's machine, capabilities, blocks and offsets.
+    /// Show a snapshot's machine, capabilities, blocks and offsets (and a store snapshot's
+    /// manifest).
+    #[command(after_long_help = INSPECT_EXAMPLES)]
     Inspect(InspectArgs),
     /// Check a snapshot's structure and, with --ram, that it holds exactly that RAM.
+    #[command(after_long_help = VERIFY_EXAMPLES)]
     Verify(VerifyArgs),
+    /// Upload a local mapped-ram file (ours or QEMU's) as the snapshot at s3://BUCKET/KEY.
+    ///
+    /// Sparse: objects that hold only zeros are not uploaded. Atomic as a save: readers see
+    /// the previous snapshot at the address until the upload is complete.
+    #[command(after_long_help = PUT_EXAMPLES)]
+    Put(PutArgs),
+    /// Download the snapshot at s3://BUCKET/KEY into a local file, byte for byte the file
+    /// that was saved or put (QEMU loads it).
+    ///
+    /// Written to a temporary file beside FILE, synced and renamed over it.
+    #[command(after_long_help = GET_EXAMPLES)]
+    Get(GetArgs),
     /// Build a synthetic guest image, save, restore and verify it, and print GiB/s.
     Demo(DemoArgs),
 }
+
+/// The environment a store address reads, for the long help of every command that takes one.
+macro_rules! store_env {
+    () => {
+        "A store address s3://BUCKET/KEY reads its endpoint and credentials from the \
+environment: AWS_ENDPOINT_URL (plain http also needs AWS_ALLOW_HTTP=true), AWS_ACCESS_KEY_ID, \
+AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_REGION or AWS_DEFAULT_REGION."
+    };
+}
+
+const SAVE_EXAMPLES: &str = concat!(
+    "Examples:\n",
+    "  mapped-ram save --ram pc.ram=/dev/shm/vm1.ram -o /var/lib/vm1/guest.mr\n",
+    "  mapped-ram save --ram pc.ram=/dev/shm/vm1.ram -o s3://snapshots/vm1/guest.mr --object-size 8M\n\n",
+    "A save to a store uploads only the objects that hold data, under a new generation, and \
+then commits it (readers see the previous snapshot until then; a cancelled or failed save \
+deletes what it uploaded). --update, --offset, --direct-io on, --chunk-bytes, \
+--write-gap-pages, --no-fsync and --no-preallocate apply only to a file.\n\n",
+    store_env!()
+);
+
+const RESTORE_EXAMPLES: &str = concat!(
+    "Examples:\n",
+    "  mapped-ram restore /var/lib/vm1/guest.mr --ram pc.ram=/dev/shm/vm1.ram\n",
+    "  mapped-ram restore s3://snapshots/vm1/guest.mr --ram pc.ram=/dev/shm/vm1.ram --channels 32\n\n",
+    "From a store, pages are read with ranged GETs (--channels at once); --offset, \
+--direct-io on and --chunk-bytes apply only to a file.\n\n",
+    store_env!()
+);
+
+const INSPECT_EXAMPLES: &str = concat!(
+    "Examples:\n",
+    "  mapped-ram inspect /var/lib/vm1/guest.mr --device-state-out /tmp/vm1.state\n",
+    "  mapped-ram inspect --json s3://snapshots/vm1/guest.mr\n\n",
+    "For a store snapshot only the manifest and the objects that hold metadata are fetched; \
+--offset and --device-state-out apply only to a file (get the snapshot first).\n\n",
+    store_env!()
+);
+
+const VERIFY_EXAMPLES: &str = concat!(
+    "Examples:\n",
+    "  mapped-ram verify /var/lib/vm1/guest.mr --ram pc.ram=/dev/shm/vm1.ram\n",
+    "  mapped-ram verify s3://snapshots/vm1/guest.mr --ram pc.ram=/dev/shm/vm1.ram\n\n",
+    "A store snapshot is read with ranged GETs, --channels at once; --offset applies only to \
+a file.\n\n",
+    store_env!()
+);
+
+const PUT_EXAMPLES: &str = concat!(
+    "Examples:\n",
+    "  mapped-ram put /var/lib/vm1/guest.mr s3://snapshots/vm1/guest.mr\n",
+    "  mapped-ram put qemu-saved.img s3://snapshots/vm2/guest.mr --offset 4096 --json\n\n",
+    "SIGINT or SIGTERM end a put at once (exit status 130 or 143); nothing is committed, the \
+snapshot at the address stays as it was, and the objects uploaded so far are deleted by the \
+next save or put of that address.\n\n",
+    store_env!()
+);
+
+const GET_EXAMPLES: &str = concat!(
+    "Examples:\n",
+    "  mapped-ram get s3://snapshots/vm1/guest.mr -o /var/lib/vm1/guest.mr\n",
+    "  mapped-ram get --json s3://snapshots/vm1/guest.mr -o /var/lib/vm1/guest.mr --channels 32\n\n",
+    "SIGINT or SIGTERM end a get at once (exit status 130 or 143); FILE is left as it was and \
+the temporary file beside it is removed by the next get or save of FILE.\n\n",
+    store_env!()
+);
 
 /// `NAME=PATH`: a RAM block and the file holding its contents.
 #[derive(Debug, Clone)]
@@ -91,9 +191,14 @@ fn parse_ram(s: &str) -> Result<RamArg, String> {
     })
 }
 
-/// Parses a byte count: decimal, `0x` hex, or with a K/M/G/T suffix (powers of 1024).
+/// Parses a byte count: decimal, `0x` hex, or with a K/M/G/T suffix (powers of 1024, also
+/// written KiB/MiB/GiB/TiB).
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
+    let t = t
+        .strip_suffix("iB")
+        .filter(|d| d.ends_with(['K', 'M', 'G', 'T']))
+        .unwrap_or(t);
     let (digits, mult) = match t.char_indices().last() {
         Some((i, c)) if "kKmMgGtT".contains(c) => {
             let m = match c.to_ascii_lowercase() {
@@ -178,6 +283,95 @@ fn parse_channels(s: &str) -> Result<usize, String> {
     }
 }
 
+/// `s3://BUCKET/KEY`, checked (see [`StoreUrl::parse`]).
+fn parse_store_url(s: &str) -> Result<StoreUrl, String> {
+    StoreUrl::parse(s).map_err(|e| e.to_string())
+}
+
+/// Where a snapshot is: a local file, or a snapshot in an object store.
+#[derive(Debug, Clone)]
+pub enum Location {
+    /// A local file.
+    File(PathBuf),
+    /// `s3://BUCKET/KEY`.
+    Store(StoreUrl),
+}
+
+impl Location {
+    /// The path or the address, for messages.
+    pub fn display(&self) -> String {
+        match self {
+            Location::File(p) => p.display().to_string(),
+            Location::Store(u) => u.display(),
+        }
+    }
+}
+
+/// Parses a [`Location`]: anything that starts with `s3://` is a store address (and must be a
+/// valid one), anything else a path (which need not be UTF-8; `./s3:/...` names a local file).
+#[derive(Debug, Clone, Copy)]
+struct LocationParser;
+
+impl TypedValueParser for LocationParser {
+    type Value = Location;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &OsStr,
+    ) -> Result<Location, clap::Error> {
+        match value.to_str() {
+            Some(s) if StoreUrl::is_store(s) => parse_store_url
+                .parse_ref(cmd, arg, value)
+                .map(Location::Store),
+            _ => Ok(Location::File(PathBuf::from(value))),
+        }
+    }
+}
+
+/// Seconds (decimals allowed, an `s` suffix too) from `min` to `max`.
+fn parse_secs(s: &str, min: f64, max: f64, what: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let t = t.strip_suffix('s').unwrap_or(t);
+    match t.parse::<f64>() {
+        Ok(v) if v.is_finite() && (min..=max).contains(&v) => Ok(Duration::from_secs_f64(v)),
+        Ok(_) => Err(format!(
+            "{what} must be from {min} to {max} seconds, not {s:?}"
+        )),
+        Err(_) => Err(format!("{s:?} is not a number of seconds")),
+    }
+}
+
+fn parse_request_timeout(s: &str) -> Result<Duration, String> {
+    parse_secs(s, 0.001, MAX_REQUEST_TIMEOUT_SECS, "request timeout")
+}
+
+fn parse_retry_timeout(s: &str) -> Result<Duration, String> {
+    parse_secs(s, 0.0, MAX_WAIT_SECS, "retry timeout")
+}
+
+fn parse_orphan_grace(s: &str) -> Result<Duration, String> {
+    parse_secs(s, 0.0, MAX_WAIT_SECS, "orphan grace")
+}
+
+fn parse_retries(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n) if n <= MAX_RETRIES => Ok(n),
+        _ => Err(format!("retries must be 0..={MAX_RETRIES}, not {s:?}")),
+    }
+}
+
+fn parse_object_size(s: &str) -> Result<u64, String> {
+    let v = parse_size(s)?;
+    if !v.is_power_of_two() || !(MIN_OBJECT_BYTES..=MAX_OBJECT_BYTES).contains(&v) {
+        return Err(format!(
+            "object size {v} must be a power of two from 64K ({MIN_OBJECT_BYTES}) to 256M ({MAX_OBJECT_BYTES})"
+        ));
+    }
+    Ok(v)
+}
+
 fn parse_on_off(s: &str) -> Result<bool, String> {
     match s {
         "on" => Ok(true),
@@ -200,9 +394,9 @@ pub struct SaveArgs {
     #[arg(long = "ram", value_name = "NAME=PATH", required = true, value_parser = parse_ram)]
     pub ram: Vec<RamArg>,
     /// The snapshot to write (replaced atomically; a new file, or a regular file that is none
-    /// of the RAM files).
-    #[arg(short = 'o', long = "output", value_name = "FILE")]
-    pub output: PathBuf,
+    /// of the RAM files), or a store address s3://BUCKET/KEY.
+    #[arg(short = 'o', long = "output", value_name = "FILE|s3://BUCKET/KEY", value_parser = LocationParser)]
+    pub output: Location,
     /// Channels, O_DIRECT, offset, page size, chunk size.
     #[command(flatten)]
     pub common: IoArgs,
@@ -239,12 +433,19 @@ pub struct SaveArgs {
     /// Store a CRC-32C of every page (checked by `verify`), where QEMU does not look.
     #[arg(long, default_value = "on", value_name = "on|off", value_parser = parse_on_off, action = clap::ArgAction::Set)]
     pub checksums: bool,
+    /// Requests to a store.
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// How a store snapshot is written.
+    #[command(flatten)]
+    pub store_write: StoreWriteArgs,
 }
 
 /// Options shared by save and restore.
 #[derive(Debug, Args)]
 pub struct IoArgs {
-    /// Channel threads, each with its own descriptor (1 to 255).
+    /// Channel threads, each with its own descriptor (1 to 255); for a store, requests in
+    /// flight at once (default 16).
     #[arg(long, value_parser = parse_channels)]
     pub channels: Option<usize>,
     /// O_DIRECT for page data: auto (probe, fall back), on (fail if refused), off.
@@ -263,11 +464,70 @@ pub struct IoArgs {
     pub chunk_bytes: Option<u64>,
 }
 
+/// Options of every command that talks to a store (`s3://BUCKET/KEY` only).
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Store options (s3:// addresses only)")]
+pub struct StoreArgs {
+    /// Retries of one request after a 5xx, 429, timeout or connection error, with exponential
+    /// backoff from 100 ms to 5 s (0 to 100; default 10).
+    #[arg(long, value_name = "N", value_parser = parse_retries)]
+    pub retries: Option<usize>,
+    /// One attempt's limit in seconds, from connecting to the end of the body (default 30).
+    #[arg(long, value_name = "SECS", value_parser = parse_request_timeout)]
+    pub request_timeout: Option<Duration>,
+    /// No retry of a request starts after this many seconds since its first attempt
+    /// (default 60).
+    #[arg(long, value_name = "SECS", value_parser = parse_retry_timeout)]
+    pub retry_timeout: Option<Duration>,
+}
+
+impl StoreArgs {
+    /// The first of these flags given, if any (they apply only to a store address).
+    pub fn first_given(&self) -> Option<&'static str> {
+        [
+            (self.retries.is_some(), "--retries"),
+            (self.request_timeout.is_some(), "--request-timeout"),
+            (self.retry_timeout.is_some(), "--retry-timeout"),
+        ]
+        .into_iter()
+        .find_map(|(given, flag)| given.then_some(flag))
+    }
+}
+
+/// Options of the commands that write a store snapshot (`save`, `put`).
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Store options (s3:// addresses only)")]
+pub struct StoreWriteArgs {
+    /// Object size: the file is stored in objects of this many bytes, and an object that
+    /// would hold only zeros is not uploaded (a power of two from 64K to 256M, e.g. 4M or
+    /// 4MiB; default 4M).
+    #[arg(long, value_name = "SIZE", value_parser = parse_object_size)]
+    pub object_size: Option<u64>,
+    /// Objects of a generation that no manifest names (left by a killed save) are deleted by
+    /// the next save once they are this many seconds old (default 0: at once; give
+    /// concurrent writers to one address a grace longer than a save takes).
+    #[arg(long, value_name = "SECS", value_parser = parse_orphan_grace)]
+    pub orphan_grace: Option<Duration>,
+}
+
+impl StoreWriteArgs {
+    /// The first of these flags given, if any (they apply only to a store address).
+    pub fn first_given(&self) -> Option<&'static str> {
+        [
+            (self.object_size.is_some(), "--object-size"),
+            (self.orphan_grace.is_some(), "--orphan-grace"),
+        ]
+        .into_iter()
+        .find_map(|(given, flag)| given.then_some(flag))
+    }
+}
+
 /// Arguments of `restore`.
 #[derive(Debug, Args)]
 pub struct RestoreArgs {
-    /// The snapshot.
-    pub file: PathBuf,
+    /// The snapshot: a file or a store address s3://BUCKET/KEY.
+    #[arg(value_name = "FILE|s3://BUCKET/KEY", value_parser = LocationParser)]
+    pub file: Location,
     /// A block to restore and the RAM file to write it to (created 0600, or sized if empty;
     /// each block its own file).
     #[arg(long = "ram", value_name = "NAME=PATH", required = true, value_parser = parse_ram)]
@@ -285,32 +545,86 @@ pub struct RestoreArgs {
     /// Check every page read against its stored checksum (files saved with checksums).
     #[arg(long)]
     pub verify_checksums: bool,
+    /// Requests to a store.
+    #[command(flatten)]
+    pub store: StoreArgs,
 }
 
 /// Arguments of `inspect`.
 #[derive(Debug, Args)]
 pub struct InspectArgs {
-    /// The snapshot.
-    pub file: PathBuf,
+    /// The snapshot: a file or a store address s3://BUCKET/KEY.
+    #[arg(value_name = "FILE|s3://BUCKET/KEY", value_parser = LocationParser)]
+    pub file: Location,
     /// Bytes before the stream.
     #[arg(long, default_value = "0", value_parser = parse_offset)]
     pub offset: u64,
     /// Write the device state (bytes after the RAM END section) to this file (created 0600).
     #[arg(long, value_name = "FILE")]
     pub device_state_out: Option<PathBuf>,
+    /// Requests to a store.
+    #[command(flatten)]
+    pub store: StoreArgs,
 }
 
 /// Arguments of `verify`.
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
-    /// The snapshot.
-    pub file: PathBuf,
+    /// The snapshot: a file or a store address s3://BUCKET/KEY.
+    #[arg(value_name = "FILE|s3://BUCKET/KEY", value_parser = LocationParser)]
+    pub file: Location,
     /// Compare this block with this RAM file (repeatable).
     #[arg(long = "ram", value_name = "NAME=PATH", value_parser = parse_ram)]
     pub ram: Vec<RamArg>,
     /// Bytes before the stream.
     #[arg(long, default_value = "0", value_parser = parse_offset)]
     pub offset: u64,
+    /// Requests in flight at once to a store (1 to 255; default 16; s3:// only).
+    #[arg(long, value_parser = parse_channels)]
+    pub channels: Option<usize>,
+    /// Requests to a store.
+    #[command(flatten)]
+    pub store: StoreArgs,
+}
+
+/// Arguments of `put`.
+#[derive(Debug, Args)]
+pub struct PutArgs {
+    /// The local mapped-ram file to upload (ours or QEMU's).
+    pub file: PathBuf,
+    /// The store address to upload it to.
+    #[arg(value_name = "s3://BUCKET/KEY", value_parser = parse_store_url)]
+    pub url: StoreUrl,
+    /// Bytes before the stream in FILE, as in QEMU's `file:PATH,offset=N` (kept in the
+    /// upload; `get` gives the same file back).
+    #[arg(long, default_value = "0", value_parser = parse_offset)]
+    pub offset: u64,
+    /// Requests in flight at once (1 to 255).
+    #[arg(long, default_value = "16", value_parser = parse_channels)]
+    pub channels: usize,
+    /// Requests to the store.
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// How the snapshot is written.
+    #[command(flatten)]
+    pub store_write: StoreWriteArgs,
+}
+
+/// Arguments of `get`.
+#[derive(Debug, Args)]
+pub struct GetArgs {
+    /// The store address to download.
+    #[arg(value_name = "s3://BUCKET/KEY", value_parser = parse_store_url)]
+    pub url: StoreUrl,
+    /// The local file to write (replaced atomically; created 0600).
+    #[arg(short = 'o', long = "output", value_name = "FILE")]
+    pub output: PathBuf,
+    /// Requests in flight at once (1 to 255).
+    #[arg(long, default_value = "16", value_parser = parse_channels)]
+    pub channels: usize,
+    /// Requests to the store.
+    #[command(flatten)]
+    pub store: StoreArgs,
 }
 
 /// Arguments of `demo`.

@@ -1,11 +1,14 @@
 //! The `mapped-ram` command-line tool: a thin layer over the `mapped-ram-linux` library's
-//! `save`, `restore`, `inspect`, `verify` and `update`; see `mapped-ram --help`.
+//! `save`, `restore`, `inspect`, `verify` and `update`, and its store (`s3://BUCKET/KEY`:
+//! the same commands, and `put` / `get` between a store and a local file); see
+//! `mapped-ram --help`.
 //!
 //! Exit status: 0 on success; 1 on failure, with one line `error: …` on stderr (and, with
 //! `--json`, `{"ok": false, "error": …}` on stdout); 2 on a usage error (a flag missing, unknown
-//! or out of its range); 128 + the signal number after SIGINT (130) or SIGTERM (143), which
-//! cancel a running save or restore: a save then removes its temporary file and leaves the
-//! previous snapshot as it was (see [`signals`]).
+//! or out of its range, a malformed store address, a flag that does not apply to a file or to
+//! a store); 128 + the signal number after SIGINT (130) or SIGTERM (143), which cancel a
+//! running save or restore: a save then removes its temporary file (a store save the objects
+//! it uploaded) and leaves the previous snapshot as it was (see [`signals`]).
 
 mod args;
 mod demo;
@@ -15,6 +18,8 @@ mod output;
 mod restore;
 mod save;
 mod signals;
+mod store;
+mod transfer;
 mod verify;
 
 use clap::Parser;
@@ -43,6 +48,8 @@ fn run() -> i32 {
         Command::Restore(a) => restore::cmd_restore(a, json, &sig),
         Command::Inspect(a) => inspect::cmd_inspect(a, json),
         Command::Verify(a) => verify::cmd_verify(a, json),
+        Command::Put(a) => transfer::cmd_put(a, json, &sig),
+        Command::Get(a) => transfer::cmd_get(a, json, &sig),
         Command::Demo(a) => demo::cmd_demo(a, json, &sig),
     });
     finish(result, json)

@@ -3,6 +3,7 @@
 
 use serde_json::{json, Value};
 
+use mapped_ram_linux::store::{Manifest, StoreSaveReport, TransferReport};
 use mapped_ram_linux::{RestoreReport, SaveReport, SnapshotInfo};
 
 /// A command failure: the message printed after `error: `, and the exit status.
@@ -10,7 +11,8 @@ use mapped_ram_linux::{RestoreReport, SaveReport, SnapshotInfo};
 pub struct CliError {
     /// One line (newlines are replaced when printed).
     pub message: String,
-    /// 1, or 128 + the signal number for an operation a signal cancelled.
+    /// 1; 2 for a usage error found after parsing (flags that do not go together); or
+    /// 128 + the signal number for an operation a signal cancelled.
     pub status: i32,
     /// The library reported the operation as cancelled (through `Cancel`), nothing else.
     pub cancelled: bool,
@@ -23,6 +25,14 @@ impl CliError {
             message: message.into(),
             status: 1,
             cancelled: false,
+        }
+    }
+
+    /// A usage error (exit status 2), found before anything was read, written or sent.
+    pub fn usage(message: impl Into<String>) -> Self {
+        CliError {
+            status: 2,
+            ..CliError::new(message)
         }
     }
 }
@@ -161,5 +171,64 @@ pub fn info_json(info: &SnapshotInfo) -> Value {
             "footer_offset": i.footer_offset,
         })),
         "blocks": blocks,
+    })
+}
+
+/// An object size in words: `4 MiB`, `64 KiB` (object sizes are powers of two from 64 KiB).
+pub fn object_size(bytes: u64) -> String {
+    if bytes >= 1 << 20 {
+        format!("{} MiB", bytes >> 20)
+    } else {
+        format!("{} KiB", bytes >> 10)
+    }
+}
+
+/// The JSON form of a save to a store: a save's, with the store's part.
+pub fn store_save_json(r: &StoreSaveReport, object_bytes: u64) -> Value {
+    let mut v = save_json(&r.save);
+    if let Some(o) = v.as_object_mut() {
+        o.insert("url".into(), json!(r.save.path));
+        o.insert("generation".into(), json!(r.generation));
+        o.insert("object_bytes".into(), json!(object_bytes));
+        o.insert("objects_uploaded".into(), json!(r.objects_uploaded));
+        o.insert("objects_total".into(), json!(r.objects_total));
+        o.insert("bytes_uploaded".into(), json!(r.bytes_uploaded));
+        o.insert("objects_deleted".into(), json!(r.objects_deleted));
+    }
+    v
+}
+
+/// The JSON form of a store snapshot's manifest.
+pub fn manifest_json(m: &Manifest) -> Value {
+    json!({
+        "generation": m.generation,
+        "previous": m.previous,
+        "file_size": m.file_size,
+        "stream_offset": m.stream_offset,
+        "object_bytes": m.object_bytes,
+        "objects_total": m.object_count(),
+        "objects_stored": m.present_count(),
+        "metadata_objects": m.metadata.len(),
+        "stored_bytes": m.stored_bytes,
+        "created_unix": m.created_unix,
+    })
+}
+
+/// The JSON form of a `put` or `get`.
+pub fn transfer_json(command: &str, r: &TransferReport, channels: usize) -> Value {
+    json!({
+        "ok": true,
+        "command": command,
+        "url": r.url,
+        "path": r.path,
+        "file_size": r.file_size,
+        "objects_total": r.objects_total,
+        "objects_transferred": r.objects_transferred,
+        "bytes_transferred": r.bytes_transferred,
+        "generation": r.generation,
+        "objects_deleted": r.objects_deleted,
+        "seconds": r.seconds,
+        "gib_per_s": r.gib_per_second(),
+        "channels": channels,
     })
 }

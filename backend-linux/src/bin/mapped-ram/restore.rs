@@ -1,4 +1,4 @@
-//! `mapped-ram restore`: snapshot → RAM files.
+//! `mapped-ram restore`: snapshot (a file or a store address) → RAM files.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -6,26 +6,29 @@ use std::path::Path;
 use serde_json::Value;
 
 use mapped_ram_linux::{
-    default_channels, inspect, restore, MappedFile, Progress, RestoreOptions, RestoreRegion,
-    RestoreReport,
+    default_channels, inspect, restore, DirectIo, MappedFile, Progress, RestoreOptions,
+    RestoreRegion, RestoreReport,
 };
 
-use crate::args::RestoreArgs;
+use mapped_ram_linux::store::Store;
+
+use crate::args::{Location, RestoreArgs};
 use crate::files::{identity, identity_of, open_or_create_private, require_regular, Identity};
 use crate::output::{progress_bar, restore_json, CliError};
 use crate::save::check_block_names;
 use crate::signals::Interrupts;
+use crate::store;
 
-/// Every RAM file must be its own file, and none the snapshot: two names of one file (the
-/// same path twice, a symlink, a hard link) would get two blocks' pages interleaved.
+/// Every RAM file must be its own file, and none the snapshot (when it is a file): two names
+/// of one file (the same path twice, a symlink, a hard link) would get two blocks' pages
+/// interleaved.
 fn check_distinct<'a>(
-    snapshot: &Path,
-    snapshot_id: &Identity,
+    snapshot: Option<(&Path, &Identity)>,
     rams: impl Iterator<Item = (&'a str, &'a Path, Identity)>,
 ) -> Result<(), CliError> {
     let mut seen: HashMap<Identity, (&str, &Path)> = HashMap::new();
     for (name, path, id) in rams {
-        if id == *snapshot_id {
+        if let Some((snapshot, _)) = snapshot.filter(|(_, s)| **s == id) {
             return Err(CliError::new(format!(
                 "RAM file {} of block {name:?} is the snapshot {}: refusing to restore into the file being read",
                 path.display(),
@@ -43,19 +46,64 @@ fn check_distinct<'a>(
     Ok(())
 }
 
+/// Where the pages are read from.
+enum Source<'a> {
+    /// A snapshot file.
+    File(&'a Path),
+    /// A store snapshot.
+    Store(Store),
+}
+
 /// Runs `restore`.
 pub fn cmd_restore(a: RestoreArgs, json: bool, sig: &Interrupts) -> Result<Value, CliError> {
+    match &a.file {
+        Location::Store(url) => store::reject_file_flags(
+            url,
+            &[
+                (
+                    a.common.offset != 0,
+                    "--offset",
+                    "a store snapshot's manifest says where its stream starts",
+                ),
+                (
+                    a.common.direct_io == DirectIo::On,
+                    "--direct-io on",
+                    "a restore from a store reads no local file",
+                ),
+                (
+                    a.common.chunk_bytes.is_some(),
+                    "--chunk-bytes",
+                    "a restore from a store reads one object at a time",
+                ),
+            ],
+        )?,
+        Location::File(p) => {
+            store::reject_store_flags(&p.display().to_string(), &a.store, None, None)?;
+        }
+    }
     check_block_names(&a.ram)?;
-    require_regular(&a.file, "snapshot")?;
-    let info = inspect(&a.file, a.common.offset)?;
+    let label = a.file.display();
+    // The snapshot's structure, and (a file) which file it is.
+    let (info, snapshot, source) = match &a.file {
+        Location::File(path) => {
+            require_regular(path, "snapshot")?;
+            let info = inspect(path, a.common.offset)?;
+            let id = identity(path, "snapshot")?;
+            (info, Some((path.as_path(), id)), Source::File(path))
+        }
+        Location::Store(url) => {
+            let s = store::connect(url, store::options(a.common.channels, &a.store, None))?;
+            (s.inspect()?.info, None, Source::Store(s))
+        }
+    };
+    let snapshot = snapshot.as_ref().map(|(p, id)| (*p, id));
     // Check every name before creating or sizing any RAM file.
     for ram in &a.ram {
         if info.block(&ram.name).is_none() {
             let names: Vec<&str> = info.blocks.iter().map(|b| b.name.as_str()).collect();
             return Err(CliError::new(format!(
-                "block {:?} is not in the snapshot {} (it holds: {})",
+                "block {:?} is not in the snapshot {label} (it holds: {})",
                 ram.name,
-                a.file.display(),
                 names.join(", ")
             )));
         }
@@ -63,22 +111,19 @@ pub fn cmd_restore(a: RestoreArgs, json: bool, sig: &Interrupts) -> Result<Value
     for ram in &a.ram {
         if info.block(&ram.name).is_some_and(|b| b.layout.is_empty()) {
             return Err(CliError::new(format!(
-                "block {:?} has no pages in the snapshot {} (a shared block skipped by x-ignore-shared): nothing to restore",
+                "block {:?} has no pages in the snapshot {label} (a shared block skipped by x-ignore-shared): nothing to restore",
                 ram.name,
-                a.file.display()
             )));
         }
     }
     // Then that every RAM file is its own file, by name before creating any ...
-    let snapshot_id = identity(&a.file, "snapshot")?;
     let ids = a
         .ram
         .iter()
         .map(|r| identity(&r.path, "RAM file"))
         .collect::<Result<Vec<_>, _>>()?;
     check_distinct(
-        &a.file,
-        &snapshot_id,
+        snapshot,
         a.ram
             .iter()
             .zip(ids)
@@ -100,8 +145,7 @@ pub fn cmd_restore(a: RestoreArgs, json: bool, sig: &Interrupts) -> Result<Value
         .map(|(r, f)| identity_of(f, &r.path, "RAM file"))
         .collect::<Result<Vec<_>, _>>()?;
     check_distinct(
-        &a.file,
-        &snapshot_id,
+        snapshot,
         a.ram
             .iter()
             .zip(ids)
@@ -189,7 +233,14 @@ pub fn cmd_restore(a: RestoreArgs, json: bool, sig: &Interrupts) -> Result<Value
             b.set_position(p.done);
         }
     };
-    let result = restore(&a.file, &mut regions, &opts, Some(&mut cb));
+    let result = match &source {
+        Source::File(path) => {
+            restore(path, &mut regions, &opts, Some(&mut cb)).map_err(CliError::from)
+        }
+        Source::Store(s) => s
+            .restore(&mut regions, &opts, Some(&mut cb))
+            .map_err(CliError::from),
+    };
     drop(armed);
     if let Some(b) = bar {
         b.finish_and_clear();
@@ -198,19 +249,23 @@ pub fn cmd_restore(a: RestoreArgs, json: bool, sig: &Interrupts) -> Result<Value
         (Err(e), Some(signal)) => {
             return Err(sig.cancelled(
                 signal,
-                &format!("restore from {}", a.file.display()),
-                format!("{e}; the RAM files are incomplete"),
+                &format!("restore from {label}"),
+                format!("{}; the RAM files are incomplete", e.message),
             ))
         }
         (r, _) => r?,
     };
     if !json {
-        print_restore(&a.file, &report);
+        print_restore(&label, &report);
     }
-    Ok(restore_json(&report))
+    let mut v = restore_json(&report);
+    if let (Location::Store(url), Some(o)) = (&a.file, v.as_object_mut()) {
+        o.insert("url".into(), url.display().into());
+    }
+    Ok(v)
 }
 
-fn print_restore(path: &Path, r: &RestoreReport) {
+fn print_restore(label: &str, r: &RestoreReport) {
     if let Some(why) = &r.direct_io_fallback {
         eprintln!("note: {why}");
     }
@@ -223,7 +278,7 @@ fn print_restore(path: &Path, r: &RestoreReport) {
     println!(
         "restored {} from {} ({:.1} MiB of RAM, {} pages stored, {} zero) in {:.3} s: {:.2} GiB/s, {} channel(s), direct-io {}",
         r.blocks_restored.join(", "),
-        path.display(),
+        label,
         r.ram_bytes as f64 / (1u64 << 20) as f64,
         r.pages_stored,
         r.zero_pages,

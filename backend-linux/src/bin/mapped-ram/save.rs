@@ -1,4 +1,4 @@
-//! `mapped-ram save` (and `save --update`): RAM files → snapshot.
+//! `mapped-ram save` (and `save --update`): RAM files → snapshot, a file or a store address.
 
 use std::path::Path;
 
@@ -6,15 +6,17 @@ use serde_json::{json, Value};
 
 use std::os::fd::AsFd;
 
+use mapped_ram_linux::store::{StoreError, StoreSaveReport, StoreUrl};
 use mapped_ram_linux::{
-    default_channels, save_memory, update, Changes, GuestMemory, LiveRegion, MappedFile, Progress,
-    SaveError, SaveOptions, SaveReport, UpdateError, UpdateOptions, MAX_BLOCKS,
+    default_channels, save_memory, update, Changes, DirectIo, GuestMemory, LiveRegion, MappedFile,
+    Progress, SaveError, SaveOptions, SaveReport, UpdateError, UpdateOptions, MAX_BLOCKS,
 };
 
-use crate::args::{RamArg, SaveArgs, MAX_DEVICE_STATE, MAX_NEW_OFFSET};
+use crate::args::{Location, RamArg, SaveArgs, MAX_DEVICE_STATE, MAX_NEW_OFFSET};
 use crate::files::{identity, kind, read_regular_bounded, require_regular};
-use crate::output::{progress_bar, save_json, CliError};
+use crate::output::{object_size, progress_bar, save_json, store_save_json, CliError};
 use crate::signals::Interrupts;
+use crate::store;
 
 /// Opens a RAM file for a save: it is read with `pread(2)` (see
 /// [`GuestMemory::from_file`]), so another process may keep writing it, and a file that
@@ -90,8 +92,7 @@ pub fn check_block_names(ram: &[RamArg]) -> Result<(), CliError> {
 /// The target must be new, or a regular file that is none of the RAM files (under any of its
 /// names: symlinks and hard links are compared by device and inode); a prefix larger than
 /// [`MAX_NEW_OFFSET`] must already be in it. Checked before anything is written.
-fn check_target(a: &SaveArgs) -> Result<(), CliError> {
-    let out = &a.output;
+fn check_target(a: &SaveArgs, out: &Path) -> Result<(), CliError> {
     let existing = match std::fs::metadata(out) {
         Ok(m) => Some(m),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
@@ -130,10 +131,40 @@ fn check_target(a: &SaveArgs) -> Result<(), CliError> {
     Ok(())
 }
 
+/// The flags of a save to a store that apply only to a file: usage errors before anything is
+/// read or sent.
+fn check_store_flags(a: &SaveArgs, url: &StoreUrl) -> Result<(), CliError> {
+    store::reject_file_flags(
+        url,
+        &[
+            (a.update, "--update", "a store save always uploads a whole new generation (its unchanged objects are not compared)"),
+            (a.common.offset != 0, "--offset", "a store snapshot has no prefix before its stream (put a file that has one)"),
+            (a.common.direct_io == DirectIo::On, "--direct-io on", "a store save writes no local file"),
+            (a.common.chunk_bytes.is_some(), "--chunk-bytes", "a store save works one object at a time (see --object-size)"),
+            (a.write_gap_pages.is_some(), "--write-gap-pages", "a store save uploads whole objects"),
+            (a.no_fsync, "--no-fsync", "a store save writes no local file"),
+            (a.no_preallocate, "--no-preallocate", "a store save writes no local file"),
+        ],
+    )
+}
+
 /// Runs `save`.
 pub fn cmd_save(a: SaveArgs, json: bool, sig: &Interrupts) -> Result<Value, CliError> {
+    match &a.output {
+        Location::Store(url) => check_store_flags(&a, url)?,
+        Location::File(out) => {
+            store::reject_store_flags(
+                &out.display().to_string(),
+                &a.store,
+                Some(&a.store_write),
+                None,
+            )?;
+        }
+    }
     check_block_names(&a.ram)?;
-    check_target(&a)?;
+    if let Location::File(out) = &a.output {
+        check_target(&a, out)?;
+    }
     let files = a.ram.iter().map(open_ram).collect::<Result<Vec<_>, _>>()?;
     for (ram, (_, len)) in a.ram.iter().zip(&files) {
         if *len as u64 % a.common.page_size != 0 {
@@ -193,12 +224,16 @@ pub fn cmd_save(a: SaveArgs, json: bool, sig: &Interrupts) -> Result<Value, CliE
         preallocate: !a.no_preallocate,
         ..SaveOptions::default()
     };
+    let output = match &a.output {
+        Location::Store(url) => return save_to_store(&a, url, &regions, opts, json, sig),
+        Location::File(out) => out,
+    };
     let armed = sig.arm();
     opts.cancel = Some(armed.cancel());
     if a.update {
-        let result = save_update(&a.output, &regions, opts, json);
+        let result = save_update(output, &regions, opts, json);
         drop(armed);
-        return cancelled_or(sig, result, &a.output, "update");
+        return cancelled_or(sig, result, output, "update", TEMP_REMOVED);
     }
     let bar = progress_bar(json, "save");
     let mut hook = sig.test_hook();
@@ -209,7 +244,7 @@ pub fn cmd_save(a: SaveArgs, json: bool, sig: &Interrupts) -> Result<Value, CliE
             b.set_position(p.done);
         }
     };
-    let result = save_memory(&a.output, &regions, &opts, Some(&mut cb));
+    let result = save_memory(output, &regions, &opts, Some(&mut cb));
     drop(armed);
     if let Some(b) = bar {
         b.finish_and_clear();
@@ -218,28 +253,97 @@ pub fn cmd_save(a: SaveArgs, json: bool, sig: &Interrupts) -> Result<Value, CliE
         cancelled: matches!(e, SaveError::Cancelled),
         ..CliError::from(e)
     });
-    let report = cancelled_or(sig, result, &a.output, "save")?;
+    let report = cancelled_or(sig, result, output, "save", TEMP_REMOVED)?;
     if !json {
         print_save(&report);
     }
     Ok(save_json(&report))
 }
 
+/// What a cancelled local save undid.
+const TEMP_REMOVED: &str = "the temporary file was removed";
+
+/// A save to a store ([`Store::save_memory`](mapped_ram_linux::store::Store::save_memory)):
+/// the same regions and options as a local save; the store's channels and object size.
+fn save_to_store(
+    a: &SaveArgs,
+    url: &StoreUrl,
+    regions: &[LiveRegion<'_>],
+    mut opts: SaveOptions,
+    json: bool,
+    sig: &Interrupts,
+) -> Result<Value, CliError> {
+    let store_opts = store::options(a.common.channels, &a.store, Some(&a.store_write));
+    let object_bytes = store_opts.object_bytes;
+    let store = store::connect(url, store_opts)?;
+    let armed = sig.arm();
+    opts.cancel = Some(armed.cancel());
+    let bar = progress_bar(json, "save");
+    let mut hook = sig.test_hook();
+    let mut cb = |p: Progress| {
+        hook();
+        if let Some(b) = &bar {
+            b.set_length(p.total);
+            b.set_position(p.done);
+        }
+    };
+    let result = store.save_memory(regions, &opts, Some(&mut cb));
+    drop(armed);
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    let result = result.map_err(|e| CliError {
+        cancelled: matches!(e, StoreError::Save(SaveError::Cancelled)),
+        ..CliError::from(e)
+    });
+    let report = cancelled_or(
+        sig,
+        result,
+        Path::new(&url.display()),
+        "save",
+        "the objects it had uploaded were deleted",
+    )?;
+    if !json {
+        print_save(&report.save);
+        print_store_save(&report, object_bytes);
+    }
+    Ok(store_save_json(&report, object_bytes))
+}
+
+fn print_store_save(r: &StoreSaveReport, object_bytes: u64) {
+    let mut deleted = String::new();
+    if r.objects_deleted > 0 {
+        deleted = format!(
+            "; {} object(s) of older generations deleted",
+            r.objects_deleted
+        );
+    }
+    println!(
+        "uploaded {} of {} objects of {} ({:.1} MiB) as generation {}{deleted}",
+        r.objects_uploaded,
+        r.objects_total,
+        object_size(object_bytes),
+        r.bytes_uploaded as f64 / (1u64 << 20) as f64,
+        r.generation,
+    );
+}
+
 /// The result of a save or update of `target`; when a signal arrived during it and it failed,
-/// the error with exit status 128 + signal (saying that the previous snapshot was kept when the
-/// library reported the cancellation itself).
+/// the error with exit status 128 + signal (saying that the previous snapshot was kept, and
+/// what was `undone`, when the library reported the cancellation itself).
 fn cancelled_or<T>(
     sig: &Interrupts,
     result: Result<T, CliError>,
     target: &Path,
     what: &str,
+    undone: &str,
 ) -> Result<T, CliError> {
     match (result, sig.received()) {
         (Err(e), Some(signal)) if e.cancelled => Err(sig.cancelled(
             signal,
             &format!("{what} of {}", target.display()),
             format!(
-                "{}; the temporary file was removed and {} was left as it was",
+                "{}; {undone} and {} was left as it was",
                 e.message,
                 target.display()
             ),

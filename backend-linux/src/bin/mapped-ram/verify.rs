@@ -1,18 +1,33 @@
 //! `mapped-ram verify`: a snapshot's structure and page checksums, and its contents against
-//! RAM files.
+//! RAM files; a file or a store snapshot.
 
 use serde_json::{json, Value};
 
 use mapped_ram_linux::{verify, SaveRegion};
 
-use crate::args::VerifyArgs;
+use crate::args::{Location, VerifyArgs};
 use crate::files::require_regular;
 use crate::output::{info_json, CliError};
 use crate::save::map_ram;
+use crate::store;
 
 /// Runs `verify`.
 pub fn cmd_verify(a: VerifyArgs, json: bool) -> Result<Value, CliError> {
-    require_regular(&a.file, "snapshot")?;
+    match &a.file {
+        Location::Store(url) => store::reject_file_flags(
+            url,
+            &[(
+                a.offset != 0,
+                "--offset",
+                "a store snapshot's manifest says where its stream starts",
+            )],
+        )?,
+        Location::File(path) => {
+            store::reject_store_flags(&path.display().to_string(), &a.store, None, a.channels)?;
+            require_regular(path, "snapshot")?;
+        }
+    }
+    let label = a.file.display();
     let maps = a.ram.iter().map(map_ram).collect::<Result<Vec<_>, _>>()?;
     let regions: Vec<SaveRegion<'_>> = a
         .ram
@@ -24,11 +39,15 @@ pub fn cmd_verify(a: VerifyArgs, json: bool) -> Result<Value, CliError> {
             page_size: 4096,
         })
         .collect();
-    let report = verify(&a.file, a.offset, &regions)?;
+    let report = match &a.file {
+        Location::File(path) => verify(path, a.offset, &regions)?,
+        Location::Store(url) => {
+            store::connect(url, store::options(a.channels, &a.store, None))?.verify(&regions)?
+        }
+    };
     if let Some(m) = report.mismatches.first() {
         return Err(CliError::new(format!(
-            "{}: block {:?} differs from the RAM given: first at page {} (file offset {:#x}, {}), {} page(s) differ",
-            a.file.display(),
+            "{label}: block {:?} differs from the RAM given: first at page {} (file offset {:#x}, {}), {} page(s) differ",
             m.block,
             m.page,
             m.file_offset,
@@ -38,8 +57,7 @@ pub fn cmd_verify(a: VerifyArgs, json: bool) -> Result<Value, CliError> {
     }
     if let Some(c) = report.corrupt.first() {
         return Err(CliError::new(format!(
-            "{}: block {:?} page {} (file offset {:#x}) fails its checksum (stored {:#010x}, computed {:#010x}); {} page(s) of the block are bad",
-            a.file.display(),
+            "{label}: block {:?} page {} (file offset {:#x}) fails its checksum (stored {:#010x}, computed {:#010x}); {} page(s) of the block are bad",
             c.block,
             c.page,
             c.file_offset,
@@ -55,14 +73,12 @@ pub fn cmd_verify(a: VerifyArgs, json: bool) -> Result<Value, CliError> {
     if !json {
         if report.blocks_compared.is_empty() {
             println!(
-                "{}: structure ok ({} block(s)){sums}",
-                a.file.display(),
+                "{label}: structure ok ({} block(s)){sums}",
                 report.info.blocks.len()
             );
         } else {
             println!(
-                "{}: structure ok; contents equal for {}{sums}",
-                a.file.display(),
+                "{label}: structure ok; contents equal for {}{sums}",
                 report.blocks_compared.join(", ")
             );
         }

@@ -1,0 +1,120 @@
+//! `mapped-ram put` and `mapped-ram get`: a local mapped-ram file to a store address and back,
+//! byte for byte (see [`Store::put`] and [`Store::get`]).
+
+use serde_json::Value;
+
+use mapped_ram_linux::store::{Store, TransferReport};
+use mapped_ram_linux::Progress;
+
+use crate::args::{GetArgs, PutArgs};
+use crate::files::{kind, require_regular};
+use crate::output::{progress_bar, transfer_json, CliError};
+use crate::signals::Interrupts;
+use crate::store;
+
+/// Runs `put`.
+pub fn cmd_put(a: PutArgs, json: bool, sig: &Interrupts) -> Result<Value, CliError> {
+    require_regular(&a.file, "file")?;
+    std::fs::metadata(&a.file)
+        .map_err(|e| CliError::new(format!("file {}: {e}", a.file.display())))?;
+    let url = a.url.display();
+    let s = store::connect(
+        &a.url,
+        store::options(Some(a.channels), &a.store, Some(&a.store_write)),
+    )?;
+    let leaves = sig.leaves(format!(
+        "the put to {url} was not committed (the snapshot there, if any, is as it was); the objects it uploaded are deleted by the next save or put of {url}"
+    ));
+    let result = transfer(json, "put", sig, |cb| s.put(&a.file, a.offset, Some(cb)));
+    drop(leaves);
+    let r = result?;
+    if !json {
+        println!(
+            "put {} to {url}: {} of {} objects ({:.1} MiB of the {:.1} MiB file) uploaded as generation {} in {:.3} s: {:.2} GiB/s, {} channel(s)",
+            a.file.display(),
+            r.objects_transferred,
+            r.objects_total,
+            mib(r.bytes_transferred),
+            mib(r.file_size),
+            r.generation,
+            r.seconds,
+            r.gib_per_second(),
+            a.channels,
+        );
+        if r.objects_deleted > 0 {
+            println!(
+                "deleted {} object(s) of older generations",
+                r.objects_deleted
+            );
+        }
+    }
+    Ok(transfer_json("put", &r, a.channels))
+}
+
+/// Runs `get`.
+pub fn cmd_get(a: GetArgs, json: bool, sig: &Interrupts) -> Result<Value, CliError> {
+    // Replacing FILE must not replace a directory, a device or a FIFO with a regular file.
+    match std::fs::metadata(&a.output) {
+        Ok(m) if !m.file_type().is_file() => {
+            return Err(CliError::new(format!(
+                "{} is {}: refusing to replace it with a regular file",
+                a.output.display(),
+                kind(&m)
+            )))
+        }
+        _ => {}
+    }
+    let url = a.url.display();
+    let s: Store = store::connect(&a.url, store::options(Some(a.channels), &a.store, None))?;
+    let leaves = sig.leaves(format!(
+        "{} was left as it was; the temporary file beside it is removed by the next get or save of it",
+        a.output.display()
+    ));
+    let result = transfer(json, "get", sig, |cb| s.get(&a.output, Some(cb)));
+    drop(leaves);
+    let r = result?;
+    if !json {
+        println!(
+            "got {url} into {}: {} of {} objects ({:.1} MiB of the {:.1} MiB file) downloaded, generation {}, in {:.3} s: {:.2} GiB/s, {} channel(s)",
+            a.output.display(),
+            r.objects_transferred,
+            r.objects_total,
+            mib(r.bytes_transferred),
+            mib(r.file_size),
+            r.generation,
+            r.seconds,
+            r.gib_per_second(),
+            a.channels,
+        );
+    }
+    Ok(transfer_json("get", &r, a.channels))
+}
+
+/// Runs `op` with a progress bar (`what`) and the signal test hook.
+fn transfer(
+    json: bool,
+    what: &str,
+    sig: &Interrupts,
+    op: impl FnOnce(
+        &mut dyn FnMut(Progress),
+    ) -> Result<TransferReport, mapped_ram_linux::store::StoreError>,
+) -> Result<TransferReport, CliError> {
+    let bar = progress_bar(json, what);
+    let mut hook = sig.test_hook();
+    let mut cb = |p: Progress| {
+        hook();
+        if let Some(b) = &bar {
+            b.set_length(p.total);
+            b.set_position(p.done);
+        }
+    };
+    let result = op(&mut cb);
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    Ok(result?)
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1u64 << 20) as f64
+}
