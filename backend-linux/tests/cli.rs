@@ -1236,3 +1236,353 @@ fn restore_into_a_full_tmpfs_is_enospc_not_sigbus() {
         assert_error_line(&err, &["No space left on device", &name]);
     }
 }
+
+/// `mapped-ram` with the environment of an unreachable store: `AWS_*` of the caller removed,
+/// the endpoint a closed port (connection refused at once), dummy credentials.
+fn bin_unreachable_store() -> Command {
+    let mut cmd = bin();
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("AWS_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.env("AWS_ENDPOINT_URL", "http://127.0.0.1:1")
+        .env("AWS_ALLOW_HTTP", "true")
+        .env("AWS_ACCESS_KEY_ID", "x")
+        .env("AWS_SECRET_ACCESS_KEY", "y")
+        .env("AWS_REGION", "us-east-1");
+    cmd
+}
+
+/// A usage error (exit status 2) on stderr: starts with `error: ` and names every needle.
+fn assert_usage_error(what: &str, code: i32, err: &str, needles: &[&str]) {
+    assert!(!err.contains("panicked"), "{what}: {err}");
+    assert_eq!(code, 2, "{what}: {err}");
+    assert!(err.starts_with("error: "), "{what}: {err}");
+    let first = err.lines().next().unwrap_or_default();
+    for n in needles {
+        assert!(first.contains(n), "{what}: {n:?} missing from {err}");
+    }
+}
+
+/// Flags that apply only to a file, given with a store address, and store flags given with a
+/// file: a one-line usage error naming the flag (exit status 2), before any RAM file is read
+/// or created and before any request (the endpoint is unreachable: a request would fail with
+/// exit status 1).
+#[test]
+fn store_and_file_flags_do_not_mix() {
+    let dir = scratch("store-misuse");
+    let ram = dir.join("pc.ram");
+    std::fs::write(&ram, image(64 << 10, 40)).unwrap();
+    let snap = save_file(&dir, &[("pc.ram", &image(64 << 10, 41))]);
+    let missing_ram = format!("pc.ram={}", dir.join("missing.ram").display());
+    let new_ram = dir.join("new.ram");
+    let new_ram_arg = format!("pc.ram={}", new_ram.display());
+    let local = dir.join("local.mr");
+    let s = |p: &Path| p.display().to_string();
+    let url = "s3://bucket/vm/guest.mr";
+    let save = |extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = vec!["save".into(), "--ram".into(), missing_ram.clone()];
+        v.extend(["-o".into(), url.into()]);
+        v.extend(extra.iter().map(|x| x.to_string()));
+        v
+    };
+    let restore = |extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = vec!["restore".into(), url.into(), "--ram".into()];
+        v.push(new_ram_arg.clone());
+        v.extend(extra.iter().map(|x| x.to_string()));
+        v
+    };
+    let with = |base: &[&str], extra: &[&str]| -> Vec<String> {
+        base.iter().chain(extra).map(|x| x.to_string()).collect()
+    };
+    // (command line, the flag the error names)
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (save(&["--update"]), "--update"),
+        (save(&["--offset", "4K"]), "--offset"),
+        (save(&["--direct-io", "on"]), "--direct-io on"),
+        (save(&["--chunk-bytes", "1M"]), "--chunk-bytes"),
+        (save(&["--write-gap-pages", "8"]), "--write-gap-pages"),
+        (save(&["--no-fsync"]), "--no-fsync"),
+        (save(&["--no-preallocate"]), "--no-preallocate"),
+        (restore(&["--offset", "4096"]), "--offset"),
+        (restore(&["--direct-io", "on"]), "--direct-io on"),
+        (restore(&["--chunk-bytes", "1M"]), "--chunk-bytes"),
+        (with(&["inspect", url], &["--offset", "4096"]), "--offset"),
+        (
+            with(&["inspect", url], &["--device-state-out", &s(&local)]),
+            "--device-state-out",
+        ),
+        (with(&["verify", url], &["--offset", "4096"]), "--offset"),
+        // Store flags with a local file.
+        (
+            with(
+                &["save", "--ram", &missing_ram, "-o", &s(&local)],
+                &["--object-size", "8M"],
+            ),
+            "--object-size",
+        ),
+        (
+            with(
+                &["save", "--ram", &missing_ram, "-o", &s(&local)],
+                &["--orphan-grace", "60"],
+            ),
+            "--orphan-grace",
+        ),
+        (
+            with(
+                &["save", "--ram", &missing_ram, "-o", &s(&local)],
+                &["--retries", "3"],
+            ),
+            "--retries",
+        ),
+        (
+            with(
+                &["restore", &s(&snap), "--ram", &new_ram_arg],
+                &["--request-timeout", "5"],
+            ),
+            "--request-timeout",
+        ),
+        (
+            with(&["inspect", &s(&snap)], &["--retry-timeout", "1"]),
+            "--retry-timeout",
+        ),
+        (
+            with(&["verify", &s(&snap)], &["--channels", "4"]),
+            "--channels",
+        ),
+    ];
+    for (args, flag) in &cases {
+        let what = args.join(" ");
+        let (code, out, err) = run_within(bin_unreachable_store().args(args), 60);
+        assert_usage_error(&what, code, &err, &[flag]);
+        assert_error_line(&err, &[flag]);
+        assert!(out.is_empty(), "{what}: {out}");
+        assert!(!new_ram.exists(), "{what}: a RAM file was created");
+        assert!(!local.exists(), "{what}: a local snapshot was written");
+    }
+    // The JSON form says the same, with status 2.
+    let mut args = save(&["--update"]);
+    args.insert(0, "--json".into());
+    let (code, out, _) = run_within(bin_unreachable_store().args(&args), 60);
+    assert_eq!(code, 2);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["ok"], false);
+    assert_eq!(v["status"], 2);
+    assert!(v["error"].as_str().unwrap().contains("--update"), "{v}");
+}
+
+/// A malformed store address is a usage error naming it, for every command that takes one;
+/// `put` and `get` take only a store address.
+#[test]
+fn malformed_store_addresses_are_usage_errors() {
+    let dir = scratch("store-urls");
+    let ram = dir.join("pc.ram");
+    std::fs::write(&ram, image(64 << 10, 42)).unwrap();
+    let ram_arg = format!("pc.ram={}", ram.display());
+    let file = ram.display().to_string();
+    for bad in [
+        "s3://",
+        "s3://bucket",
+        "s3://bucket/",
+        "s3://b/k/",
+        "s3://b/a//k",
+        "s3://b/../k",
+    ] {
+        let lines: Vec<Vec<&str>> = vec![
+            vec!["save", "--ram", &ram_arg, "-o", bad],
+            vec!["restore", bad, "--ram", &ram_arg],
+            vec!["inspect", bad],
+            vec!["verify", bad],
+            vec!["put", &file, bad],
+            vec!["get", bad, "-o", &file],
+        ];
+        for args in lines {
+            let what = args.join(" ");
+            let (code, _, err) = run_within(bin_unreachable_store().args(&args), 60);
+            assert_usage_error(&what, code, &err, &[bad, "not a store address"]);
+        }
+    }
+    for args in [
+        vec!["put", &file, "bucket/key"],
+        vec!["put", &file, &file],
+        vec!["get", "bucket/key", "-o", &file],
+    ] {
+        let what = args.join(" ");
+        let (code, _, err) = run_within(bin_unreachable_store().args(&args), 60);
+        assert_usage_error(&what, code, &err, &["does not start with s3://"]);
+    }
+    assert_eq!(std::fs::read(&ram).unwrap(), image(64 << 10, 42));
+}
+
+/// The store flags' values are bounded like every other flag's: `--object-size` a power of
+/// two from 64K to 256M (3M refused, 4MiB accepted), and so on. An accepted value gets as far
+/// as the (unreachable) store: exit status 1, not 2.
+#[test]
+fn store_flag_values_are_bounded() {
+    let dir = scratch("store-flags");
+    let ram = dir.join("pc.ram");
+    std::fs::write(&ram, image(64 << 10, 43)).unwrap();
+    let ram_arg = format!("pc.ram={}", ram.display());
+    let save = ["save", "--ram", &ram_arg, "-o", "s3://bucket/vm/guest.mr"];
+    // Fail fast: no retries (or only for a second), 2 s per request; the flag under test
+    // replaces its own default here.
+    let fast = [
+        ("--retries", "0"),
+        ("--request-timeout", "2"),
+        ("--retry-timeout", "1"),
+    ];
+    #[rustfmt::skip]
+    let cases: Vec<(&str, Vec<(&str, i32)>)> = vec![
+        ("--object-size", vec![("3M", 2), ("0", 2), ("32K", 2), ("512M", 2), ("-1", 2), ("", 2), ("64K", 1), ("4M", 1), ("4MiB", 1), ("256MiB", 1)]),
+        ("--retries", vec![("-1", 2), ("101", 2), ("x", 2), ("100", 1)]),
+        ("--request-timeout", vec![("0", 2), ("-1", 2), ("nan", 2), ("inf", 2), ("3601", 2), ("0.5", 1), ("2s", 1)]),
+        ("--retry-timeout", vec![("-1", 2), ("1e12", 2), ("x", 2), ("0", 1), ("1.5", 1)]),
+        ("--orphan-grace", vec![("-1", 2), ("1e12", 2), ("0", 1), ("3600", 1)]),
+        ("--channels", vec![("0", 2), ("256", 2), ("1", 1), ("255", 1)]),
+    ];
+    for (flag, values) in &cases {
+        for &(value, expected) in values {
+            let what = format!("save {flag} {value:?}");
+            let mut cmd = bin_unreachable_store();
+            cmd.args(save);
+            for (f, v) in fast.iter().filter(|(f, _)| f != flag) {
+                cmd.args([f, v]);
+            }
+            cmd.arg(flag).arg(value);
+            let (code, _, err) = run_within(&mut cmd, 60);
+            assert!(!err.contains("panicked"), "{what}: {err}");
+            assert_eq!(code, expected, "{what}: {err}");
+            if code == 2 {
+                assert!(err.starts_with("error: "), "{what}: {err}");
+                // (clap reads "-1" as an unknown flag, not as the value.)
+                if !value.starts_with('-') {
+                    assert!(err.lines().next().unwrap().contains(flag), "{what}: {err}");
+                }
+            } else {
+                assert_error_line(&err, &["s3://bucket/vm/guest.mr"]);
+            }
+        }
+    }
+    // `put` and `get` bound --channels too.
+    let file = ram.display().to_string();
+    for args in [
+        vec!["put", &file, "s3://b/k", "--channels", "0"],
+        vec!["get", "s3://b/k", "-o", &file, "--channels", "256"],
+        vec!["put", &file, "s3://b/k", "--object-size", "3M"],
+        vec!["put", &file, "s3://b/k", "--offset", "18446744073709551615"],
+    ] {
+        let what = args.join(" ");
+        let (code, _, err) = run_within(bin_unreachable_store().args(&args), 60);
+        assert_usage_error(&what, code, &err, &[args[args.len() - 2]]);
+    }
+}
+
+/// `put` of a file that does not exist (or is not a regular file) names it, before any
+/// request.
+#[test]
+fn put_of_a_missing_file_names_it() {
+    let dir = scratch("put-missing");
+    let missing = dir.join("no-such-snapshot.mr");
+    let (code, out, err) = run_within(
+        bin_unreachable_store()
+            .arg("put")
+            .arg(&missing)
+            .arg("s3://bucket/vm/guest.mr"),
+        60,
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(out.is_empty(), "{out}");
+    assert_error_line(&err, &["no-such-snapshot.mr", "No such file or directory"]);
+    let (code, _, err) = run_within(
+        bin_unreachable_store()
+            .arg("put")
+            .arg(&dir)
+            .arg("s3://bucket/vm/guest.mr"),
+        60,
+    );
+    assert_eq!(code, 1, "{err}");
+    assert_error_line(&err, &[&dir.display().to_string(), "a directory"]);
+    // `get` refuses to replace a directory.
+    let (code, _, err) = run_within(
+        bin_unreachable_store()
+            .args(["get", "s3://bucket/vm/guest.mr", "-o"])
+            .arg(&dir),
+        60,
+    );
+    assert_eq!(code, 1, "{err}");
+    assert_error_line(&err, &[&dir.display().to_string(), "a directory"]);
+}
+
+/// Every store command against an unreachable endpoint (no retries, 2 s per request) fails
+/// at once with one error line naming the address (exit status 1, `--json` too): no panic, no
+/// hang, no RAM file created by a restore that could not read the snapshot.
+#[test]
+fn unreachable_store_fails_in_bounded_time_naming_the_address() {
+    let dir = scratch("store-unreachable");
+    let ram = dir.join("pc.ram");
+    std::fs::write(&ram, image(256 << 10, 44)).unwrap();
+    let snap = save_file(&dir, &[("pc.ram", &image(256 << 10, 44))]);
+    let ram_arg = format!("pc.ram={}", ram.display());
+    let new_ram = dir.join("new.ram");
+    let new_ram_arg = format!("pc.ram={}", new_ram.display());
+    let got = dir.join("got.mr");
+    let url = "s3://bucket/vm/guest.mr";
+    let s = |p: &Path| p.display().to_string();
+    let fast = ["--retries", "0", "--request-timeout", "2"];
+    let lines: Vec<Vec<String>> = vec![
+        vec![
+            "save".into(),
+            "--ram".into(),
+            ram_arg.clone(),
+            "-o".into(),
+            url.into(),
+        ],
+        vec!["restore".into(), url.into(), "--ram".into(), new_ram_arg],
+        vec!["inspect".into(), url.into()],
+        vec!["verify".into(), url.into(), "--ram".into(), ram_arg],
+        vec!["put".into(), s(&snap), url.into()],
+        vec!["get".into(), url.into(), "-o".into(), s(&got)],
+    ];
+    for args in &lines {
+        let what = args.join(" ");
+        let started = std::time::Instant::now();
+        let (code, out, err) = run_within(bin_unreachable_store().args(args).args(fast), 60);
+        let took = started.elapsed();
+        assert!(!err.contains("panicked"), "{what}: {err}");
+        assert_eq!(code, 1, "{what}: {err}");
+        assert!(out.is_empty(), "{what}: {out}");
+        assert_error_line(&err, &[url]);
+        assert!(took.as_secs() < 30, "{what}: took {took:?}");
+        let (code, out, _) = run_within(
+            bin_unreachable_store().arg("--json").args(args).args(fast),
+            60,
+        );
+        assert_eq!(code, 1, "{what}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["ok"], false, "{what}");
+        assert!(v["error"].as_str().unwrap().contains(url), "{what}: {v}");
+    }
+    assert!(!new_ram.exists(), "restore created its RAM file");
+    assert!(!got.exists(), "get created its file");
+    let leftovers: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+/// Every command that takes a store address documents it, with an example, in `--help`.
+#[test]
+fn store_commands_have_help() {
+    for cmd in ["save", "restore", "inspect", "verify", "put", "get"] {
+        let (code, out, err) = run(bin().args([cmd, "--help"]));
+        assert_eq!(code, 0, "{cmd}: {err}");
+        assert!(out.contains("s3://"), "{cmd}: {out}");
+        assert!(out.contains("Examples:"), "{cmd}: {out}");
+        assert!(out.contains("AWS_ENDPOINT_URL"), "{cmd}: {out}");
+    }
+    let (_, out, _) = run(bin().arg("--help"));
+    assert!(out.contains("put") && out.contains("get"), "{out}");
+}
