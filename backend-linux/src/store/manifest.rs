@@ -160,14 +160,14 @@ pub(crate) fn new_generation() -> String {
     format!("{:012x}-{:08x}", now.as_millis(), h.finish() as u32)
 }
 
-/// The age of a generation from its name, if it is one of ours.
-pub(crate) fn generation_age(g: &str) -> Option<std::time::Duration> {
-    let millis = u64::from_str_radix(g.split('-').next()?, 16).ok()?;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .ok()?
-        .as_millis() as u64;
-    Some(std::time::Duration::from_millis(now.saturating_sub(millis)))
+/// When a generation started (milliseconds since the epoch), from its name, if it is one of
+/// ours.
+pub(crate) fn generation_start(g: &str) -> Option<u64> {
+    let (millis, _) = g.split_once('-')?;
+    if millis.len() != 12 {
+        return None;
+    }
+    u64::from_str_radix(millis, 16).ok()
 }
 
 #[cfg(test)]
@@ -206,6 +206,12 @@ mod tests {
         let mut bad = m;
         bad.generation = "../x".into();
         assert!(bad.check().is_err());
-        assert!(generation_age(&new_generation()).unwrap().as_secs() < 5);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        let started = generation_start(&new_generation()).unwrap();
+        assert!(started <= now + 1 && now - started < 5000);
+        assert_eq!(generation_start("bad"), None);
     }
 }

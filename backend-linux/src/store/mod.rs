@@ -29,7 +29,9 @@
 //! generation before the previous one is deleted after the commit; the previous one is kept
 //! until the next save, so that a reader that started on it (a lazy restore of a running
 //! guest) can finish. A failed save deletes what it uploaded; a killed one leaves a
-//! generation that no manifest names, which the next save of that key deletes
+//! generation that no manifest names, which the next save of that key deletes after its
+//! commit — it deletes only generations that started before it, whose saves can no longer
+//! commit, so a concurrent save's objects are never taken from under it
 //! ([`StoreOptions::orphan_grace`]). Objects are single `PUT`s, never multipart uploads, so
 //! nothing is ever left half-uploaded.
 //!
@@ -153,10 +155,11 @@ pub struct StoreOptions {
     pub retry_timeout: Duration,
     /// One attempt's limit, from connecting to the end of the body.
     pub request_timeout: Duration,
-    /// A generation that no manifest names is deleted by the next save once it is this old
-    /// (its name carries its start time). Zero (the default) deletes every such generation at
-    /// once: one writer per key, as one host owns a guest. Give concurrent writers to a key a
-    /// grace longer than a save takes.
+    /// After its commit, a save deletes the generations that no manifest names and that
+    /// started before it did (left by killed or failed saves: their commit can no longer
+    /// succeed) — those that started at least this long before it. Generation names carry
+    /// their start time by the writer's clock: zero (the default) is right for one host;
+    /// give writers to one key from several hosts a grace above their clocks' skew.
     pub orphan_grace: Duration,
     /// The endpoint (`http://127.0.0.1:7480`), instead of `AWS_ENDPOINT_URL` /
     /// `AWS_ENDPOINT`; plain `http` is then allowed.
@@ -564,16 +567,32 @@ impl Store {
         Ok(out)
     }
 
-    /// Deletes every generation except `keep`, those younger than `grace` excepted; returns
-    /// how many objects it deleted.
-    fn delete_generations(&self, keep: &[&str], grace: Duration) -> Result<u64, StoreError> {
+    /// After a commit of generation `ours`: deletes every generation except `keep` that
+    /// started at least `grace` before `ours` did (left by killed or failed saves, or
+    /// superseded); returns how many objects it deleted.
+    ///
+    /// A generation that started before this save and that the new manifest does not name
+    /// cannot be committed any more: its save read an older manifest and its conditional
+    /// `PUT` will fail ([`StoreError::Conflict`]). One that started after this save may still
+    /// commit, so it is left alone. The two saves' clocks are compared: `grace` covers the
+    /// skew between hosts that save to one key.
+    fn delete_generations(
+        &self,
+        keep: &[&str],
+        ours: &str,
+        grace: Duration,
+    ) -> Result<u64, StoreError> {
+        let limit = manifest::generation_start(ours)
+            .map(|t| t.saturating_sub(grace.as_millis() as u64))
+            .unwrap_or(0);
         let mut deleted = 0u64;
         for (generation, keys) in self.generations()? {
             if keep.contains(&generation.as_str()) {
                 continue;
             }
-            let young = manifest::generation_age(&generation).is_some_and(|age| age < grace);
-            if young {
+            // Names that are not ours (no start time) are left by nothing this code writes;
+            // they are deleted like an orphan.
+            if manifest::generation_start(&generation).is_some_and(|t| t >= limit) {
                 continue;
             }
             self.client.delete(&keys).map_err(|e| {

@@ -26,14 +26,6 @@ pub(super) fn save(
 ) -> Result<StoreSaveReport, StoreError> {
     let url = store.url();
     let current = store.current()?;
-    let keep: Vec<&str> = match &current {
-        Some((m, _)) => std::iter::once(m.generation.as_str())
-            .chain(m.previous.as_deref())
-            .collect(),
-        None => Vec::new(),
-    };
-    // Generations no manifest names: left by killed saves.
-    let mut deleted = store.delete_generations(&keep, store.opts.orphan_grace)?;
     let object_bytes = store.opts.object_bytes;
     let generation = new_generation();
     let meta =
@@ -117,7 +109,7 @@ pub(super) fn save(
         created_unix: 0,
     };
     let mut save = crate::save::report(&w, &finished);
-    deleted += commit_manifest(store, manifest.clone(), current)?;
+    let deleted = commit_manifest(store, manifest.clone(), current)?;
     save.seconds = w.started.elapsed().as_secs_f64();
     save.channels = store.opts.channels;
     Ok(StoreSaveReport {

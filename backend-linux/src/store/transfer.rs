@@ -158,7 +158,7 @@ pub(crate) fn commit_manifest(
         .collect();
     // Best effort: the snapshot is committed; what is left is deleted by the next save.
     Ok(store
-        .delete_generations(&keep, store.opts.orphan_grace)
+        .delete_generations(&keep, &manifest.generation, store.opts.orphan_grace)
         .unwrap_or(0))
 }
 
@@ -175,13 +175,6 @@ pub(super) fn put(
     let layouts: Vec<_> = snap.info.blocks.iter().map(|b| b.layout).collect();
     let file_size = snap.info.file_size;
     let current = store.current()?;
-    let keep: Vec<&str> = match &current {
-        Some((m, _)) => std::iter::once(m.generation.as_str())
-            .chain(m.previous.as_deref())
-            .collect(),
-        None => Vec::new(),
-    };
-    let mut deleted = store.delete_generations(&keep, store.opts.orphan_grace)?;
     let object_bytes = store.opts.object_bytes;
     let generation = new_generation();
     let count = object_count(file_size, object_bytes);
@@ -245,7 +238,7 @@ pub(super) fn put(
         stored_bytes: bytes,
         created_unix: 0,
     };
-    deleted += commit_manifest(store, manifest, current)?;
+    let deleted = commit_manifest(store, manifest, current)?;
     Ok(TransferReport {
         url,
         path: path.to_path_buf(),
