@@ -503,9 +503,10 @@ pub struct StoreWriteArgs {
     /// 4MiB; default 4M).
     #[arg(long, value_name = "SIZE", value_parser = parse_object_size)]
     pub object_size: Option<u64>,
-    /// Objects of a generation that no manifest names (left by a killed save) are deleted by
-    /// the next save once they are this many seconds old (default 0: at once; give
-    /// concurrent writers to one address a grace longer than a save takes).
+    /// After its commit, a save deletes the generations of objects that no manifest names
+    /// (left by killed or failed saves) that started at least this many seconds before it
+    /// (default 0, right for one host; give writers to one address from several hosts a
+    /// grace above their clocks' skew).
     #[arg(long, value_name = "SECS", value_parser = parse_orphan_grace)]
     pub orphan_grace: Option<Duration>,
 }
