@@ -4,7 +4,7 @@
 //!
 //! Compiled in with the `fault-injection` Cargo feature; without it, the hooks are empty
 //! inline functions. Faults are process-wide: a test binary that arms them must run its tests
-//! one at a time (hold [`serial`] for the whole test).
+//! one at a time (hold `fault::serial()` for the whole test).
 //!
 //! ```
 //! # #[cfg(feature = "fault-injection")] {

@@ -62,7 +62,7 @@ pub use transfer::TransferReport;
 
 use crate::error::{FormatError, IoFailure, Op, RestoreError, SaveError};
 use crate::inspect::SnapshotInfo;
-use crate::progress::ProgressFn;
+use crate::progress::{Cancel, ProgressFn};
 use crate::restore::{RestoreOptions, RestoreRegion, RestoreReport};
 use crate::save::{SaveOptions, SaveRegion, SaveReport};
 use crate::uffd::{UffdOptions, UffdRestore, WorkingSet};
@@ -241,6 +241,13 @@ pub enum StoreError {
         offset: u64,
         /// What was found.
         reason: String,
+    },
+    /// A `put` or `get` was cancelled ([`Store::put`], [`Store::get`]): nothing was
+    /// committed, the local file was left as it was.
+    #[error("the transfer with {url} was cancelled")]
+    Cancelled {
+        /// The address.
+        url: String,
     },
     /// The options are not usable (object size, channels).
     #[error("{0}")]
@@ -467,23 +474,31 @@ impl Store {
 
     /// Uploads the local mapped-ram file `path` (ours or QEMU's; its migration stream at
     /// `offset`) as the snapshot at the address, sparse and atomically, as a save would.
+    ///
+    /// `cancel` stops it between objects with [`StoreError::Cancelled`]: nothing is
+    /// committed and what it uploaded is deleted.
     pub fn put(
         &self,
         path: &Path,
         offset: u64,
         progress: Option<ProgressFn<'_>>,
+        cancel: Option<&Cancel>,
     ) -> Result<TransferReport, StoreError> {
-        transfer::put(self, path, offset, progress)
+        transfer::put(self, path, offset, progress, cancel)
     }
 
     /// Downloads the snapshot into the local file `path`, byte for byte the file that was
     /// saved or put (written to a temporary beside `path`, synced and renamed over it).
+    ///
+    /// `cancel` stops it between objects with [`StoreError::Cancelled`]: `path` is left as
+    /// it was and the temporary removed.
     pub fn get(
         &self,
         path: &Path,
         progress: Option<ProgressFn<'_>>,
+        cancel: Option<&Cancel>,
     ) -> Result<TransferReport, StoreError> {
-        transfer::get(self, path, progress)
+        transfer::get(self, path, progress, cancel)
     }
 
     /// Stores `ws` (recorded by a restore of this snapshot, [`UffdRestore::working_set`]) with

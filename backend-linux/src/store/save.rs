@@ -60,23 +60,30 @@ pub(super) fn save(
         let count = object_count(finished.file_size, object_bytes);
         let todo: Vec<u64> = (0..count).filter(|o| !sink.whole.contains(o)).collect();
         let metadata = std::sync::Mutex::new(Vec::new());
-        for_each_object(store.opts.channels, todo, None, |_, object, buf| {
-            let start = object * object_bytes;
-            let len = object_bytes.min(finished.file_size - start) as usize;
-            buf.resize(len, 0);
-            file::preadv_exact(meta.as_fd(), buf, start)
-                .map_err(|e| local(Op::ReadStream, "memfd", e))?;
-            if crate::zero::is_zero(buf) {
-                return Ok(0);
-            }
-            sink.upload(object, Bytes::copy_from_slice(buf))
-                .map_err(|e| IoFailure::new(Op::StorePut, &url, Some(start), e))?;
-            metadata
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(object);
-            Ok(len as u64)
-        })?;
+        for_each_object(
+            store.opts.channels,
+            todo,
+            None,
+            None,
+            &url,
+            |_, object, buf| {
+                let start = object * object_bytes;
+                let len = object_bytes.min(finished.file_size - start) as usize;
+                buf.resize(len, 0);
+                file::preadv_exact(meta.as_fd(), buf, start)
+                    .map_err(|e| local(Op::ReadStream, "memfd", e))?;
+                if crate::zero::is_zero(buf) {
+                    return Ok(0);
+                }
+                sink.upload(object, Bytes::copy_from_slice(buf))
+                    .map_err(|e| IoFailure::new(Op::StorePut, &url, Some(start), e))?;
+                metadata
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(object);
+                Ok(len as u64)
+            },
+        )?;
         let mut metadata = metadata.into_inner().unwrap_or_else(|p| p.into_inner());
         metadata.sort_unstable();
         Ok::<_, StoreError>((finished, metadata))

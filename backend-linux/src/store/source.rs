@@ -106,6 +106,8 @@ pub(crate) fn open(store: &Store) -> Result<Opened, StoreError> {
         store.opts.channels,
         m.metadata.clone(),
         None,
+        None,
+        &url,
         |_, object, _| {
             let range = m.object_range(object);
             let key = client.url.object_key(&m.generation, object);

@@ -19,7 +19,7 @@ use crate::error::{IoFailure, Op};
 use crate::executor::{self, ChunkList, Control, Job, Stopped};
 use crate::file;
 use crate::inspect::open_snapshot;
-use crate::progress::{Progress, ProgressFn};
+use crate::progress::{Cancel, Progress, ProgressFn};
 
 /// What a `put` or `get` did.
 #[derive(Debug, Clone)]
@@ -54,10 +54,13 @@ impl TransferReport {
 
 /// Runs `f(channel, object, scratch)` for every object of `objects` on `channels` threads of
 /// the executor; `f` returns the bytes it moved (progress).
+/// `cancel` stops it between objects ([`StoreError::Cancelled`]).
 pub(crate) fn for_each_object<F>(
     channels: usize,
     objects: Vec<u64>,
     progress: Option<(&mut ProgressFn<'_>, u64)>,
+    cancel: Option<&Cancel>,
+    url: &str,
     f: F,
 ) -> Result<(), StoreError>
 where
@@ -92,12 +95,15 @@ where
         None => (None, 0),
     };
     let ctl = Control {
-        cancel: None,
+        cancel,
         progress: cb,
         total,
     };
     match executor::execute(channels, &list, &Each(f), ctl) {
-        Ok(()) | Err(Stopped::Cancelled) => Ok(()),
+        Ok(()) => Ok(()),
+        Err(Stopped::Cancelled) => Err(StoreError::Cancelled {
+            url: url.to_string(),
+        }),
         Err(Stopped::Failed(e)) => Err(e),
     }
 }
@@ -168,6 +174,7 @@ pub(super) fn put(
     path: &Path,
     offset: u64,
     mut progress: Option<ProgressFn<'_>>,
+    cancel: Option<&Cancel>,
 ) -> Result<TransferReport, StoreError> {
     let started = Instant::now();
     let url = store.url();
@@ -185,6 +192,8 @@ pub(super) fn put(
         store.opts.channels,
         (0..count).collect(),
         progress.as_mut().map(|p| (p, file_size)),
+        cancel,
+        &url,
         |_, object, buf| {
             let start = object * object_bytes;
             let end = (start + object_bytes).min(file_size);
@@ -257,6 +266,7 @@ pub(super) fn get(
     store: &Store,
     path: &Path,
     mut progress: Option<ProgressFn<'_>>,
+    cancel: Option<&Cancel>,
 ) -> Result<TransferReport, StoreError> {
     let started = Instant::now();
     let url = store.url();
@@ -277,6 +287,8 @@ pub(super) fn get(
         store.opts.channels,
         m.present().collect(),
         progress.as_mut().map(|p| (p, total)),
+        cancel,
+        &url,
         |_, object, _| {
             let range = m.object_range(object);
             let key = store.client.url.object_key(&m.generation, object);

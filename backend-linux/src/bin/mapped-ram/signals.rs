@@ -1,5 +1,6 @@
-//! SIGINT and SIGTERM: they cancel a running save or restore through the library's [`Cancel`]
-//! handle, so that a save removes its temporary file and keeps the previous snapshot.
+//! SIGINT and SIGTERM: they cancel a running save, restore, `put` or `get` through the
+//! library's [`Cancel`] handle, so that a save removes its temporary file (a store save or
+//! `put` its uploaded objects) and keeps the previous snapshot.
 //!
 //! The handler itself only writes to a pipe (`signal-hook`'s iterator); a thread reads it and
 //! acts:
@@ -11,17 +12,14 @@
 //!   target removes it).
 //! * otherwise (parsing, inspecting, verifying, between steps): the process ends at once with
 //!   a one-line `error: interrupted by …` and the same status. Nothing is being written then
-//!   that a signal could leave half done — except during `put` and `get`, which the library
-//!   cannot cancel: they register what an interruption leaves ([`Interrupts::leaves`]), which
-//!   the error line then says (an uncommitted upload, a temporary file), and which the next
-//!   `put`, save or `get` of the same target removes.
+//!   that a signal could leave half done.
 //!
 //! A test hook makes the race deterministic: with `MAPPED_RAM_TEST_SIGNAL_AT_PROGRESS=INT` (or
 //! `TERM`) the tool sends itself that signal at the first progress report of a save or restore
 //! — while its channels run — and waits until the signal has cancelled the operation.
 
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mapped_ram_linux::Cancel;
@@ -48,8 +46,6 @@ pub struct Interrupts {
     cancel: Cancel,
     armed: Arc<AtomicBool>,
     received: Arc<AtomicI32>,
-    /// What ending the process now leaves behind (see [`Interrupts::leaves`]).
-    leaves: Arc<Mutex<Option<String>>>,
 }
 
 impl Interrupts {
@@ -61,7 +57,6 @@ impl Interrupts {
             cancel: Cancel::default(),
             armed: Arc::new(AtomicBool::new(false)),
             received: Arc::new(AtomicI32::new(0)),
-            leaves: Arc::new(Mutex::new(None)),
         };
         let state = me.clone();
         std::thread::Builder::new()
@@ -74,12 +69,9 @@ impl Interrupts {
                         continue;
                     }
                     let note = if first {
-                        match &*state.leaves.lock().unwrap_or_else(|p| p.into_inner()) {
-                            Some(leaves) => format!(": {leaves}"),
-                            None => String::new(),
-                        }
+                        ""
                     } else {
-                        " again before the cancelled operation ended (a temporary file left by a save is removed by the next save of the same target)".into()
+                        " again before the cancelled operation ended (a temporary file left by a save is removed by the next save of the same target)"
                     };
                     eprintln!("error: interrupted by {}{note}", name(signal));
                     std::process::exit(128 + signal);
@@ -99,13 +91,6 @@ impl Interrupts {
             self.cancel.cancel();
         }
         Armed { interrupts: self }
-    }
-
-    /// Marks an operation that cannot be cancelled as running until the guard is dropped: a
-    /// signal ends the process at once, and its error line says what that `leaves` behind.
-    pub fn leaves(&self, leaves: String) -> Leaves<'_> {
-        *self.leaves.lock().unwrap_or_else(|p| p.into_inner()) = Some(leaves);
-        Leaves { interrupts: self }
     }
 
     /// The signal received so far, if any.
@@ -168,20 +153,5 @@ impl Armed<'_> {
 impl Drop for Armed<'_> {
     fn drop(&mut self) {
         self.interrupts.armed.store(false, Ordering::SeqCst);
-    }
-}
-
-/// A running operation that cannot be cancelled (see [`Interrupts::leaves`]).
-pub struct Leaves<'a> {
-    interrupts: &'a Interrupts,
-}
-
-impl Drop for Leaves<'_> {
-    fn drop(&mut self) {
-        *self
-            .interrupts
-            .leaves
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = None;
     }
 }

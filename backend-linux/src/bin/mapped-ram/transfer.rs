@@ -22,12 +22,18 @@ pub fn cmd_put(a: PutArgs, json: bool, sig: &Interrupts) -> Result<Value, CliErr
         &a.url,
         store::options(Some(a.channels), &a.store, Some(&a.store_write)),
     )?;
-    let leaves = sig.leaves(format!(
-        "the put to {url} was not committed (the snapshot there, if any, is as it was); the objects it uploaded are deleted by the next save or put of {url}"
-    ));
-    let result = transfer(json, "put", sig, |cb| s.put(&a.file, a.offset, Some(cb)));
-    drop(leaves);
-    let r = result?;
+    let armed = sig.arm();
+    let cancel = armed.cancel();
+    let result = transfer(json, "put", sig, |cb| {
+        s.put(&a.file, a.offset, Some(cb), Some(&cancel))
+    });
+    drop(armed);
+    let r = cancelled_or(
+        sig,
+        result,
+        &format!("put of {} to {url}", a.file.display()),
+        &format!("nothing was committed, the objects it had uploaded were deleted and {url} was left as it was"),
+    )?;
     if !json {
         println!(
             "put {} to {url}: {} of {} objects ({:.1} MiB of the {:.1} MiB file) uploaded as generation {} in {:.3} s: {:.2} GiB/s, {} channel(s)",
@@ -66,13 +72,21 @@ pub fn cmd_get(a: GetArgs, json: bool, sig: &Interrupts) -> Result<Value, CliErr
     }
     let url = a.url.display();
     let s: Store = store::connect(&a.url, store::options(Some(a.channels), &a.store, None))?;
-    let leaves = sig.leaves(format!(
-        "{} was left as it was; the temporary file beside it is removed by the next get or save of it",
-        a.output.display()
-    ));
-    let result = transfer(json, "get", sig, |cb| s.get(&a.output, Some(cb)));
-    drop(leaves);
-    let r = result?;
+    let armed = sig.arm();
+    let cancel = armed.cancel();
+    let result = transfer(json, "get", sig, |cb| {
+        s.get(&a.output, Some(cb), Some(&cancel))
+    });
+    drop(armed);
+    let r = cancelled_or(
+        sig,
+        result,
+        &format!("get of {url}"),
+        &format!(
+            "the temporary file was removed and {} was left as it was",
+            a.output.display()
+        ),
+    )?;
     if !json {
         println!(
             "got {url} into {}: {} of {} objects ({:.1} MiB of the {:.1} MiB file) downloaded, generation {}, in {:.3} s: {:.2} GiB/s, {} channel(s)",
@@ -113,6 +127,26 @@ fn transfer(
         b.finish_and_clear();
     }
     Ok(result?)
+}
+
+/// The result of a transfer; after a signal, its error with exit status 128 + signal, saying
+/// what the cancellation `left`.
+fn cancelled_or(
+    sig: &Interrupts,
+    result: Result<TransferReport, CliError>,
+    what: &str,
+    left: &str,
+) -> Result<TransferReport, CliError> {
+    match (result, sig.received()) {
+        (Err(e), Some(signal)) => {
+            Err(sig.cancelled(signal, what, format!("{}; {left}", e.message)))
+        }
+        (Ok(r), Some(_)) => {
+            eprintln!("note: the signal arrived after the {what} was complete");
+            Ok(r)
+        }
+        (r, None) => r,
+    }
 }
 
 fn mib(bytes: u64) -> f64 {
