@@ -169,7 +169,7 @@ fn round_trip_is_the_local_file_byte_for_byte() {
     );
 
     let got = dir.join("got.mr");
-    let t = store.get(&got, None).unwrap();
+    let t = store.get(&got, None, None).unwrap();
     assert_eq!(t.generation, report.generation);
     assert_eq!(t.file_size, want.len() as u64);
     let bytes = std::fs::read(&got).unwrap();
@@ -206,14 +206,14 @@ fn round_trip_is_the_local_file_byte_for_byte() {
 
     // put of the local file: the same file comes back.
     let put_store = connect(&b, "vm/put.mr", options(gw, 256 << 10));
-    let p = put_store.put(&local, 0, None).unwrap();
+    let p = put_store.put(&local, 0, None, None).unwrap();
     assert_eq!(p.file_size, want.len() as u64);
     assert!(
         p.objects_transferred < p.objects_total,
         "put skips zero objects"
     );
     let got2 = dir.join("got2.mr");
-    put_store.get(&got2, None).unwrap();
+    put_store.get(&got2, None, None).unwrap();
     assert!(
         std::fs::read(&got2).unwrap() == want,
         "put then get differs"
@@ -278,7 +278,7 @@ fn zero_regions_are_not_uploaded() {
     save(&local, &region(&ram), &SaveOptions::default(), None).unwrap();
     let on_disk = std::fs::metadata(&local).unwrap();
     let put_store = connect(&b, "put.mr", options(gw, 1 << 20));
-    let p = put_store.put(&local, 0, None).unwrap();
+    let p = put_store.put(&local, 0, None, None).unwrap();
     assert!(
         p.bytes_transferred < 40 * MIB as u64,
         "put sent {} bytes of a {} byte file",
@@ -407,7 +407,7 @@ fn failed_restore_names_the_object() {
     });
     let e = store_restore(&store, ram.len()).unwrap_err();
     let got = dir.join("got.mr");
-    let e2 = store.get(&got, None).unwrap_err();
+    let e2 = store.get(&got, None, None).unwrap_err();
     fault::clear();
     for e in [&e, &e2] {
         let msg = e.to_string();
@@ -437,7 +437,7 @@ fn failed_restore_names_the_object() {
         msg.contains(&key) || msg.contains(&format!("object {index}")),
         "a restore must name the missing object: {msg}"
     );
-    match store.get(&got, None).unwrap_err() {
+    match store.get(&got, None, None).unwrap_err() {
         StoreError::BadObject { object, offset, .. } => {
             assert_eq!(object, index);
             assert_eq!(offset, index * object_bytes);
@@ -816,13 +816,13 @@ fn qemu_files_through_the_store() {
     let theirs = dir.join("qemu.mig");
     let saved = qemu_save(&cfg, &image_a, &SaveOpts::new(&theirs)).unwrap();
     let store = connect(&b, "qemu.mr", options(gw, 1 << 20));
-    let p = store.put(&theirs, 0, None).unwrap();
+    let p = store.put(&theirs, 0, None, None).unwrap();
     assert!(
         p.objects_transferred < p.objects_total,
         "zero objects are skipped"
     );
     let got = dir.join("got.mig");
-    store.get(&got, None).unwrap();
+    store.get(&got, None, None).unwrap();
     assert!(
         std::fs::read(&got).unwrap() == std::fs::read(&theirs).unwrap(),
         "QEMU's file through the store differs"
@@ -877,7 +877,7 @@ fn qemu_files_through_the_store() {
     )
     .unwrap();
     let ours_file = dir.join("ours.mig");
-    ours.get(&ours_file, None).unwrap();
+    ours.get(&ours_file, None, None).unwrap();
     let loaded = qemu_load(&cfg, &LoadOpts::new(&ours_file))
         .unwrap_or_else(|e| panic!("QEMU failed to load our store snapshot: {e}"));
     assert_eq!(loaded.query_migrate["status"], "completed");
@@ -886,5 +886,127 @@ fn qemu_files_through_the_store() {
         &image_b,
         &loaded.ram.read().unwrap(),
     );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The CLI end to end: `save -o s3://…`, `inspect --json`, `verify`, `restore`, `get` (the
+/// local save's file byte for byte) and `put`; SIGINT during `put` and `get` cancels them:
+/// exit 130, nothing committed and no objects left by `put`, no file and no temporary left by
+/// `get`.
+#[test]
+fn cli_round_trip_and_cancelled_transfers() {
+    let _serial = fault::serial();
+    let Some(gw) = gateway() else { return };
+    let Some(cli) = cli_binary() else {
+        cannot_run(
+            "store",
+            "the mapped-ram binary is not built (cargo build first)",
+        );
+        return;
+    };
+    let b = bucket(gw, "cli");
+    let dir = scratch_dir(env!("CARGO_TARGET_TMPDIR"), "store-cli");
+    let ram = pattern_image(16 * MIB, 51, 0.3, true);
+    let ram_file = dir.join("ram");
+    std::fs::write(&ram_file, &ram).unwrap();
+    let local = dir.join("local.mr");
+    save(&local, &region(&ram), &SaveOptions::default(), None).unwrap();
+    let url = format!("s3://{b}/vm/g.mr");
+    let ram_arg = format!("{BLOCK}={}", ram_file.display());
+    let run = |args: &[&str], signal: Option<&str>| {
+        let mut c = Command::new(&cli);
+        c.args(args).envs(gw.env());
+        if let Some(s) = signal {
+            c.env("MAPPED_RAM_TEST_SIGNAL_AT_PROGRESS", s);
+        }
+        let out = c.output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let ok = |args: &[&str]| {
+        let (code, stdout, stderr) = run(args, None);
+        assert_eq!(code, Some(0), "mapped-ram {args:?}: {stderr}");
+        stdout
+    };
+    ok(&[
+        "save",
+        "--ram",
+        &ram_arg,
+        "-o",
+        &url,
+        "--object-size",
+        "256K",
+    ]);
+    let info: serde_json::Value = serde_json::from_str(&ok(&["inspect", &url, "--json"])).unwrap();
+    assert_eq!(info["manifest"]["object_bytes"], 256 << 10, "{info}");
+    ok(&["verify", &url, "--ram", &ram_arg]);
+    let back = dir.join("back");
+    ok(&[
+        "restore",
+        &url,
+        "--ram",
+        &format!("{BLOCK}={}", back.display()),
+    ]);
+    assert_same(
+        "CLI restore from the store",
+        &ram,
+        &std::fs::read(&back).unwrap(),
+    );
+    let got = dir.join("got.mr");
+    ok(&["get", &url, "-o", got.to_str().unwrap()]);
+    assert!(
+        std::fs::read(&got).unwrap() == std::fs::read(&local).unwrap(),
+        "CLI get differs from the local save"
+    );
+
+    // SIGINT during put (64 KiB objects, one channel): nothing committed, nothing left.
+    let put_url = format!("s3://{b}/vm/put.mr");
+    let (code, _, stderr) = run(
+        &[
+            "put",
+            local.to_str().unwrap(),
+            &put_url,
+            "--object-size",
+            "64K",
+            "--channels",
+            "1",
+        ],
+        Some("INT"),
+    );
+    assert_eq!(code, Some(130), "{stderr}");
+    assert!(stderr.contains("cancelled by SIGINT"), "{stderr}");
+    assert!(
+        gw.list(&b, "vm/put.mr").is_empty(),
+        "a cancelled put left objects"
+    );
+    // SIGINT during get: the target is not created, no temporary stays.
+    let cancelled = dir.join("cancelled.mr");
+    let (code, _, stderr) = run(
+        &[
+            "get",
+            &url,
+            "-o",
+            cancelled.to_str().unwrap(),
+            "--channels",
+            "1",
+        ],
+        Some("INT"),
+    );
+    assert_eq!(code, Some(130), "{stderr}");
+    assert!(!cancelled.exists(), "a cancelled get created its file");
+    let left: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("cancelled"))
+        .collect();
+    assert!(left.is_empty(), "a cancelled get left {left:?}");
+    // And put itself works.
+    ok(&["put", local.to_str().unwrap(), &put_url]);
+    let got2 = dir.join("got2.mr");
+    ok(&["get", &put_url, "-o", got2.to_str().unwrap()]);
+    assert!(std::fs::read(&got2).unwrap() == std::fs::read(&local).unwrap());
     std::fs::remove_dir_all(&dir).unwrap();
 }
