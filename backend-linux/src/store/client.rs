@@ -97,6 +97,22 @@ impl Client {
         if let Some(region) = &opts.region {
             builder = builder.with_region(region);
         }
+        let endpoint = opts
+            .endpoint
+            .clone()
+            .or_else(|| std::env::var("AWS_ENDPOINT_URL").ok())
+            .or_else(|| std::env::var("AWS_ENDPOINT").ok());
+        let unsigned = opts.unsigned_payload.unwrap_or_else(|| {
+            match std::env::var("AWS_UNSIGNED_PAYLOAD") {
+                Ok(v) => v.eq_ignore_ascii_case("true"),
+                // As the AWS SDKs do: TLS protects the payload; plain http has only the
+                // signature.
+                Err(_) => !endpoint
+                    .as_deref()
+                    .is_some_and(|e| e.starts_with("http://")),
+            }
+        });
+        builder = builder.with_unsigned_payload(unsigned);
         let store = builder.build().map_err(|e| other(&url.display(), e))?;
         Ok(Self {
             store,

@@ -43,6 +43,12 @@ pub struct Manifest {
     /// Objects that exist and hold metadata (not only one block's pages): a reader fetches
     /// them first, to parse the stream, the headers and the bitmaps.
     pub metadata: Vec<u64>,
+    /// Objects stored without their leading and trailing zeros: `[object, start, end]`, the
+    /// file bytes `start..end` the object holds (ascending by object; metadata objects are
+    /// always whole). The rest of such an object's range reads as zeros, so a stretch of data
+    /// smaller than an object costs its own size, not the object's.
+    #[serde(default)]
+    pub trimmed: Vec<[u64; 3]>,
     /// Bytes uploaded in all (the sum of the objects' lengths).
     pub stored_bytes: u64,
     /// When the save committed, seconds since the Unix epoch.
@@ -91,6 +97,22 @@ impl Manifest {
                 return Err(format!("metadata object {m} is not among the objects"));
             }
         }
+        let mut previous: Option<u64> = None;
+        for &[object, start, end] in &self.trimmed {
+            let whole = self.object_range(object);
+            if !self.has(object)
+                || self.metadata.binary_search(&object).is_ok()
+                || previous.is_some_and(|p| p >= object)
+                || start >= end
+                || start < whole.start
+                || end > whole.end
+            {
+                return Err(format!(
+                    "trimmed object {object} (bytes {start:#x}..{end:#x}) is not a stored data object, out of order or outside its range"
+                ));
+            }
+            previous = Some(object);
+        }
         if self.stream_offset >= self.file_size.max(1) {
             return Err(format!(
                 "stream offset {} is past the file size {}",
@@ -127,6 +149,15 @@ impl Manifest {
         start..start.saturating_add(self.object_bytes).min(self.file_size)
     }
 
+    /// The file bytes object `index` holds: its whole range, or less if it was stored
+    /// trimmed.
+    pub fn stored_range(&self, index: u64) -> Range<u64> {
+        match self.trimmed.binary_search_by_key(&index, |t| t[0]) {
+            Ok(i) => self.trimmed[i][1]..self.trimmed[i][2],
+            Err(_) => self.object_range(index),
+        }
+    }
+
     /// The ranges of `indices` (ascending), merged.
     pub fn ranges_of(indices: impl IntoIterator<Item = u64>) -> Vec<[u64; 2]> {
         let mut out: Vec<[u64; 2]> = Vec::new();
@@ -138,6 +169,18 @@ impl Manifest {
         }
         out
     }
+}
+
+/// The part of an object's bytes `buf` worth storing: from its first to its last 4 KiB
+/// block that is not all zeros; `None` if it is all zeros.
+pub(crate) fn stored_extent(buf: &[u8]) -> Option<Range<usize>> {
+    const BLOCK: usize = 4096;
+    let nonzero =
+        |i: &usize| !crate::zero::is_zero(&buf[i * BLOCK..((i + 1) * BLOCK).min(buf.len())]);
+    let blocks = buf.len().div_ceil(BLOCK);
+    let first = (0..blocks).find(nonzero)?;
+    let last = (first..blocks).rev().find(nonzero)?;
+    Some(first * BLOCK..((last + 1) * BLOCK).min(buf.len()))
 }
 
 /// A generation name: 1 to 64 of `[0-9a-z-]`.
@@ -185,7 +228,8 @@ mod tests {
             object_bytes: 4 << 20,
             objects: Manifest::ranges_of([0, 2]),
             metadata: vec![0],
-            stored_bytes: 6 << 20,
+            trimmed: vec![[2, (8 << 20) + 4096, 9 << 20]],
+            stored_bytes: (5 << 20) - 4096,
             created_unix: 0,
         }
     }
@@ -203,9 +247,34 @@ mod tests {
         let mut bad = m.clone();
         bad.metadata = vec![1];
         assert!(bad.check().is_err());
-        let mut bad = m;
+        let mut bad = m.clone();
         bad.generation = "../x".into();
         assert!(bad.check().is_err());
+        assert_eq!(m.stored_range(2), (8 << 20) + 4096..9 << 20);
+        assert_eq!(m.stored_range(0), 0..4 << 20);
+        for t in [
+            [0, 0, 4096],                 // a metadata object
+            [1, 4 << 20, 5 << 20],        // absent
+            [2, 7 << 20, 9 << 20],        // outside its range
+            [2, 9 << 20, 9 << 20],        // empty
+            [2, 8 << 20, (10 << 20) + 1], // past the file
+        ] {
+            let mut bad = m.clone();
+            bad.trimmed = vec![t];
+            assert!(bad.check().is_err(), "{t:?}");
+        }
+    }
+
+    #[test]
+    fn stored_extent_trims_zero_blocks() {
+        let mut buf = vec![0u8; 64 << 10];
+        assert_eq!(stored_extent(&buf), None);
+        buf[5000] = 1;
+        assert_eq!(stored_extent(&buf), Some(4096..8192));
+        buf[40000] = 1;
+        assert_eq!(stored_extent(&buf), Some(4096..40960));
+        let short = vec![1u8; 5000];
+        assert_eq!(stored_extent(&short), Some(0..5000));
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()

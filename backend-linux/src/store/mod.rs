@@ -168,6 +168,11 @@ pub struct StoreOptions {
     pub credentials: Option<(String, String)>,
     /// The region, instead of `AWS_DEFAULT_REGION` / `AWS_REGION`.
     pub region: Option<String>,
+    /// Sign requests without hashing their payload (`UNSIGNED-PAYLOAD`). `None` (the
+    /// default): `AWS_UNSIGNED_PAYLOAD` if set, else unsigned over https (TLS protects the
+    /// payload, as the AWS SDKs assume) and hashed over plain http. Hashing costs a SHA-256
+    /// pass over every byte uploaded: about 20 % of a save's throughput on two cores.
+    pub unsigned_payload: Option<bool>,
 }
 
 impl Default for StoreOptions {
@@ -182,6 +187,7 @@ impl Default for StoreOptions {
             endpoint: None,
             credentials: None,
             region: None,
+            unsigned_payload: None,
         }
     }
 }

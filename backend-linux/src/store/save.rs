@@ -112,6 +112,15 @@ pub(super) fn save(
         object_bytes,
         objects: Manifest::ranges_of(uploaded.iter().copied()),
         metadata,
+        trimmed: {
+            let mut t = sink
+                .trimmed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            t.sort_unstable();
+            t
+        },
         stored_bytes: bytes_uploaded,
         created_unix: 0,
     };

@@ -4,8 +4,8 @@
 //! The engine's chunks are cut at object boundaries
 //! ([`object_chunks`](mapped_ram_core::objects::object_chunks)). A chunk that fills one object
 //! entirely is staged in its channel's buffer and `PUT` at
-//! [`end_chunk`](Storage::end_chunk); a chunk whose pages are all zero is never written, so
-//! its object never exists. Pages of the other objects (those that also hold metadata) go
+//! [`end_chunk`](Storage::end_chunk), without its leading and trailing zeros; a chunk whose
+//! pages are all zero is never written, so its object never exists. Pages of the other objects (those that also hold metadata) go
 //! into the local metadata file, a memfd, with the stream, bitmaps and checksums; those few
 //! objects are uploaded after the engine's finish step.
 
@@ -38,6 +38,10 @@ pub(crate) struct Sink<'a> {
     pub uploaded: Mutex<Vec<u64>>,
     /// Bytes uploaded.
     pub bytes: AtomicU64,
+    /// Objects stored without their leading and trailing zeros (see [`Manifest::trimmed`]).
+    ///
+    /// [`Manifest::trimmed`]: super::Manifest::trimmed
+    pub trimmed: Mutex<Vec<[u64; 3]>>,
 }
 
 /// A channel's object being assembled.
@@ -68,6 +72,7 @@ impl<'a> Sink<'a> {
             stages: (0..channels.max(1)).map(|_| Mutex::default()).collect(),
             uploaded: Mutex::new(Vec::new()),
             bytes: AtomicU64::new(0),
+            trimmed: Mutex::new(Vec::new()),
         }
     }
 
@@ -126,6 +131,21 @@ impl Storage for Sink<'_> {
                 None => return Ok(()),
             }
         };
-        self.upload(object, Bytes::from(buf))
+        // Leading and trailing zeros are not stored: they read as zeros.
+        let Some(extent) = super::manifest::stored_extent(&buf) else {
+            return Ok(());
+        };
+        if extent.len() < buf.len() {
+            let start = object * self.object_bytes;
+            self.trimmed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push([
+                    object,
+                    start + extent.start as u64,
+                    start + extent.end as u64,
+                ]);
+        }
+        self.upload(object, Bytes::from(buf).slice(extent))
     }
 }

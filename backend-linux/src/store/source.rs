@@ -72,13 +72,23 @@ impl Storage for StoreSource {
             } else if m.metadata.binary_search(&object).is_ok() {
                 file::preadv_exact(self.meta.as_fd(), dst, pos)?;
             } else {
-                let from = pos - range.start;
-                let url = self.client.url.clone();
-                let bytes = self.client.get_range(
-                    &url.object_key(&m.generation, object),
-                    from..from + n as u64,
-                )?;
-                dst.copy_from_slice(&bytes);
+                // Only the object's stored bytes are fetched; what lies outside them is zero.
+                let stored = m.stored_range(object);
+                let lo = pos.max(stored.start);
+                let hi = (pos + n as u64).min(stored.end);
+                if lo >= hi {
+                    dst.fill(0);
+                } else {
+                    let (a, b) = ((lo - pos) as usize, (hi - pos) as usize);
+                    dst[..a].fill(0);
+                    dst[b..].fill(0);
+                    let url = self.client.url.clone();
+                    let bytes = self.client.get_range(
+                        &url.object_key(&m.generation, object),
+                        lo - stored.start..hi - stored.start,
+                    )?;
+                    dst[a..b].copy_from_slice(&bytes);
+                }
             }
             at += n;
         }

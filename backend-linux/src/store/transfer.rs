@@ -187,6 +187,7 @@ pub(super) fn put(
     let count = object_count(file_size, object_bytes);
     let fd = snap.fd.as_fd();
     let uploaded = Mutex::new(Vec::new());
+    let trimmed = Mutex::new(Vec::new());
     let bytes = AtomicU64::new(0);
     let result = for_each_object(
         store.opts.channels,
@@ -206,19 +207,31 @@ pub(super) fn put(
             buf.resize((end - start) as usize, 0);
             file::preadv_exact(fd, buf, start)
                 .map_err(|e| IoFailure::new(Op::ReadPages, path, Some(start), e))?;
-            if crate::zero::is_zero(buf) {
+            let Some(mut extent) = super::manifest::stored_extent(buf) else {
                 return Ok(end - start);
+            };
+            // Objects that hold metadata are stored whole (a reader fetches them first);
+            // the others without their leading and trailing zeros.
+            if !is_whole(&layouts, object_bytes, object) {
+                extent = 0..buf.len();
+            } else if extent.len() < buf.len() {
+                trimmed.lock().unwrap_or_else(|p| p.into_inner()).push([
+                    object,
+                    start + extent.start as u64,
+                    start + extent.end as u64,
+                ]);
             }
             let key = store.client.url.object_key(&generation, object);
+            let len = extent.len() as u64;
             store
                 .client
-                .put(&key, Bytes::copy_from_slice(buf))
+                .put(&key, Bytes::copy_from_slice(&buf[extent]))
                 .map_err(|e| IoFailure::new(Op::StorePut, &url, Some(start), e))?;
             uploaded
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .push(object);
-            bytes.fetch_add(end - start, Ordering::Relaxed);
+            bytes.fetch_add(len, Ordering::Relaxed);
             Ok(end - start)
         },
     );
@@ -244,6 +257,11 @@ pub(super) fn put(
         object_bytes,
         objects: Manifest::ranges_of(uploaded.iter().copied()),
         metadata,
+        trimmed: {
+            let mut t = trimmed.into_inner().unwrap_or_else(|p| p.into_inner());
+            t.sort_unstable();
+            t
+        },
         stored_bytes: bytes,
         created_unix: 0,
     };
@@ -290,12 +308,12 @@ pub(super) fn get(
         cancel,
         &url,
         |_, object, _| {
-            let range = m.object_range(object);
+            let range = m.stored_range(object);
             let key = store.client.url.object_key(&m.generation, object);
             let data = store
                 .client
                 .get_range(&key, 0..range.end - range.start)
-                .map_err(|e| bad_object(&url, object, range.start, e))?;
+                .map_err(|e| bad_object(&url, object, m.object_range(object).start, e))?;
             file::pwritev_all(fd, &data, range.start)
                 .map_err(|e| IoFailure::new(Op::WritePages, &temp.path, Some(range.start), e))?;
             bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
