@@ -82,9 +82,8 @@ impl Storage for StoreSource {
                     let (a, b) = ((lo - pos) as usize, (hi - pos) as usize);
                     dst[..a].fill(0);
                     dst[b..].fill(0);
-                    let url = self.client.url.clone();
                     let bytes = self.client.get_range(
-                        &url.object_key(&m.generation, object),
+                        &self.client.url.object_key(&m.generation, object),
                         lo - stored.start..hi - stored.start,
                     )?;
                     dst[a..b].copy_from_slice(&bytes);

@@ -4,7 +4,9 @@
 use serde_json::{json, Value};
 
 use mapped_ram_linux::store::{Manifest, StoreSaveReport, TransferReport};
-use mapped_ram_linux::{RestoreReport, SaveReport, SnapshotInfo};
+use mapped_ram_linux::{Progress, RestoreReport, SaveReport, SnapshotInfo};
+
+use crate::signals::Interrupts;
 
 /// A command failure: the message printed after `error: `, and the exit status.
 #[derive(Debug)]
@@ -68,8 +70,33 @@ pub fn finish(result: Result<Value, CliError>, json: bool) -> i32 {
     }
 }
 
+/// Runs `op` with a progress callback that drives a progress bar named `what` (none with
+/// `--json` or when stderr is not a terminal) and the signal test hook
+/// ([`Interrupts::test_hook`]); the bar is cleared when `op` returns.
+pub fn with_progress<T>(
+    json: bool,
+    what: &str,
+    sig: &Interrupts,
+    op: impl FnOnce(&mut dyn FnMut(Progress)) -> T,
+) -> T {
+    let bar = progress_bar(json, what);
+    let mut hook = sig.test_hook();
+    let mut cb = |p: Progress| {
+        hook();
+        if let Some(b) = &bar {
+            b.set_length(p.total);
+            b.set_position(p.done);
+        }
+    };
+    let result = op(&mut cb);
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    result
+}
+
 /// A progress bar on stderr when it is a terminal and the output is not JSON.
-pub fn progress_bar(json: bool, what: &str) -> Option<indicatif::ProgressBar> {
+fn progress_bar(json: bool, what: &str) -> Option<indicatif::ProgressBar> {
     use std::io::IsTerminal;
     if json || !std::io::stderr().is_terminal() {
         return None;

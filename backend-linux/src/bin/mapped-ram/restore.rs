@@ -6,15 +6,15 @@ use std::path::Path;
 use serde_json::Value;
 
 use mapped_ram_linux::{
-    default_channels, inspect, restore, DirectIo, MappedFile, Progress, RestoreOptions,
-    RestoreRegion, RestoreReport,
+    default_channels, inspect, restore, DirectIo, MappedFile, RestoreOptions, RestoreRegion,
+    RestoreReport,
 };
 
 use mapped_ram_linux::store::Store;
 
 use crate::args::{Location, RestoreArgs};
 use crate::files::{identity, identity_of, open_or_create_private, require_regular, Identity};
-use crate::output::{progress_bar, restore_json, CliError};
+use crate::output::{restore_json, with_progress, CliError};
 use crate::save::check_block_names;
 use crate::signals::Interrupts;
 use crate::store;
@@ -224,27 +224,13 @@ pub fn cmd_restore(a: RestoreArgs, json: bool, sig: &Interrupts) -> Result<Value
     };
     let armed = sig.arm();
     opts.cancel = Some(armed.cancel());
-    let bar = progress_bar(json, "restore");
-    let mut hook = sig.test_hook();
-    let mut cb = |p: Progress| {
-        hook();
-        if let Some(b) = &bar {
-            b.set_length(p.total);
-            b.set_position(p.done);
-        }
-    };
-    let result = match &source {
-        Source::File(path) => {
-            restore(path, &mut regions, &opts, Some(&mut cb)).map_err(CliError::from)
-        }
+    let result = with_progress(json, "restore", sig, |cb| match &source {
+        Source::File(path) => restore(path, &mut regions, &opts, Some(cb)).map_err(CliError::from),
         Source::Store(s) => s
-            .restore(&mut regions, &opts, Some(&mut cb))
+            .restore(&mut regions, &opts, Some(cb))
             .map_err(CliError::from),
-    };
+    });
     drop(armed);
-    if let Some(b) = bar {
-        b.finish_and_clear();
-    }
     let report = match (result, sig.received()) {
         (Err(e), Some(signal)) => {
             return Err(sig.cancelled(

@@ -9,12 +9,12 @@ use std::os::fd::AsFd;
 use mapped_ram_linux::store::{StoreError, StoreSaveReport, StoreUrl};
 use mapped_ram_linux::{
     default_channels, save_memory, update, Changes, DirectIo, GuestMemory, LiveRegion, MappedFile,
-    Progress, SaveError, SaveOptions, SaveReport, UpdateError, UpdateOptions, MAX_BLOCKS,
+    SaveError, SaveOptions, SaveReport, UpdateError, UpdateOptions, MAX_BLOCKS,
 };
 
 use crate::args::{Location, RamArg, SaveArgs, MAX_DEVICE_STATE, MAX_NEW_OFFSET};
 use crate::files::{identity, kind, read_regular_bounded, require_regular};
-use crate::output::{object_size, progress_bar, save_json, store_save_json, CliError};
+use crate::output::{object_size, save_json, store_save_json, with_progress, CliError};
 use crate::signals::Interrupts;
 use crate::store;
 
@@ -233,35 +233,38 @@ pub fn cmd_save(a: SaveArgs, json: bool, sig: &Interrupts) -> Result<Value, CliE
     if a.update {
         let result = save_update(output, &regions, opts, json);
         drop(armed);
-        return cancelled_or(sig, result, output, "update", TEMP_REMOVED);
+        return sig.outcome(
+            result,
+            &format!("update of {}", output.display()),
+            &kept(output),
+        );
     }
-    let bar = progress_bar(json, "save");
-    let mut hook = sig.test_hook();
-    let mut cb = |p: Progress| {
-        hook();
-        if let Some(b) = &bar {
-            b.set_length(p.total);
-            b.set_position(p.done);
-        }
-    };
-    let result = save_memory(output, &regions, &opts, Some(&mut cb));
+    let result = with_progress(json, "save", sig, |cb| {
+        save_memory(output, &regions, &opts, Some(cb))
+    });
     drop(armed);
-    if let Some(b) = bar {
-        b.finish_and_clear();
-    }
     let result = result.map_err(|e| CliError {
         cancelled: matches!(e, SaveError::Cancelled),
         ..CliError::from(e)
     });
-    let report = cancelled_or(sig, result, output, "save", TEMP_REMOVED)?;
+    let report = sig.outcome(
+        result,
+        &format!("save of {}", output.display()),
+        &kept(output),
+    )?;
     if !json {
         print_save(&report);
     }
     Ok(save_json(&report))
 }
 
-/// What a cancelled local save undid.
-const TEMP_REMOVED: &str = "the temporary file was removed";
+/// What a cancelled local save or update of `output` left.
+fn kept(output: &Path) -> String {
+    format!(
+        "the temporary file was removed and {} was left as it was",
+        output.display()
+    )
+}
 
 /// A save to a store ([`Store::save_memory`](mapped_ram_linux::store::Store::save_memory)):
 /// the same regions and options as a local save; the store's channels and object size.
@@ -278,30 +281,19 @@ fn save_to_store(
     let store = store::connect(url, store_opts)?;
     let armed = sig.arm();
     opts.cancel = Some(armed.cancel());
-    let bar = progress_bar(json, "save");
-    let mut hook = sig.test_hook();
-    let mut cb = |p: Progress| {
-        hook();
-        if let Some(b) = &bar {
-            b.set_length(p.total);
-            b.set_position(p.done);
-        }
-    };
-    let result = store.save_memory(regions, &opts, Some(&mut cb));
+    let result = with_progress(json, "save", sig, |cb| {
+        store.save_memory(regions, &opts, Some(cb))
+    });
     drop(armed);
-    if let Some(b) = bar {
-        b.finish_and_clear();
-    }
     let result = result.map_err(|e| CliError {
         cancelled: matches!(e, StoreError::Save(SaveError::Cancelled)),
         ..CliError::from(e)
     });
-    let report = cancelled_or(
-        sig,
+    let url = url.display();
+    let report = sig.outcome(
         result,
-        Path::new(&url.display()),
-        "save",
-        "the objects it had uploaded were deleted",
+        &format!("save of {url}"),
+        &format!("the objects it had uploaded were deleted and {url} was left as it was"),
     )?;
     if !json {
         print_save(&report.save);
@@ -326,43 +318,6 @@ fn print_store_save(r: &StoreSaveReport, object_bytes: u64) {
         r.bytes_uploaded as f64 / (1u64 << 20) as f64,
         r.generation,
     );
-}
-
-/// The result of a save or update of `target`; when a signal arrived during it and it failed,
-/// the error with exit status 128 + signal (saying that the previous snapshot was kept, and
-/// what was `undone`, when the library reported the cancellation itself).
-fn cancelled_or<T>(
-    sig: &Interrupts,
-    result: Result<T, CliError>,
-    target: &Path,
-    what: &str,
-    undone: &str,
-) -> Result<T, CliError> {
-    match (result, sig.received()) {
-        (Err(e), Some(signal)) if e.cancelled => Err(sig.cancelled(
-            signal,
-            &format!("{what} of {}", target.display()),
-            format!(
-                "{}; {undone} and {} was left as it was",
-                e.message,
-                target.display()
-            ),
-        )),
-        // It failed for another reason while the signal was being handled: that reason,
-        // with the signal's status.
-        (Err(e), Some(signal)) => Err(CliError {
-            status: 128 + signal,
-            ..e
-        }),
-        (Ok(v), Some(_)) => {
-            eprintln!(
-                "note: the signal arrived after the {what} of {} was complete",
-                target.display()
-            );
-            Ok(v)
-        }
-        (r, None) => r,
-    }
 }
 
 fn print_save(r: &SaveReport) {

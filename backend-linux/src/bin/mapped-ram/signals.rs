@@ -111,6 +111,33 @@ impl Interrupts {
         }
     }
 
+    /// The result of a cancellable operation `what` (e.g. `save of FILE`): when a signal
+    /// arrived during it and the library reported the cancellation, the error with exit
+    /// status 128 + signal, saying what the cancellation `left`; when it failed for another
+    /// reason meanwhile, that reason with the signal's status; when it completed anyway, the
+    /// result and a note.
+    pub fn outcome<T>(
+        &self,
+        result: Result<T, CliError>,
+        what: &str,
+        left: &str,
+    ) -> Result<T, CliError> {
+        match (result, self.received()) {
+            (Err(e), Some(signal)) if e.cancelled => {
+                Err(self.cancelled(signal, what, format!("{}; {left}", e.message)))
+            }
+            (Err(e), Some(signal)) => Err(CliError {
+                status: 128 + signal,
+                ..e
+            }),
+            (Ok(v), Some(_)) => {
+                eprintln!("note: the signal arrived after the {what} was complete");
+                Ok(v)
+            }
+            (r, None) => r,
+        }
+    }
+
     /// A progress callback for the test hook (a no-op unless the hook's variable is set).
     pub fn test_hook(&self) -> impl FnMut() + '_ {
         let signal = match std::env::var(TEST_HOOK).as_deref() {

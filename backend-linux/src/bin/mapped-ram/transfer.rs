@@ -3,12 +3,12 @@
 
 use serde_json::Value;
 
-use mapped_ram_linux::store::{Store, TransferReport};
-use mapped_ram_linux::Progress;
+use mapped_ram_linux::store::{Store, StoreError, TransferReport};
+use mapped_ram_linux::{Cancel, Progress};
 
 use crate::args::{GetArgs, PutArgs};
 use crate::files::{kind, require_regular};
-use crate::output::{progress_bar, transfer_json, CliError};
+use crate::output::{transfer_json, with_progress, CliError};
 use crate::signals::Interrupts;
 use crate::store;
 
@@ -22,15 +22,11 @@ pub fn cmd_put(a: PutArgs, json: bool, sig: &Interrupts) -> Result<Value, CliErr
         &a.url,
         store::options(Some(a.channels), &a.store, Some(&a.store_write)),
     )?;
-    let armed = sig.arm();
-    let cancel = armed.cancel();
-    let result = transfer(json, "put", sig, |cb| {
-        s.put(&a.file, a.offset, Some(cb), Some(&cancel))
-    });
-    drop(armed);
-    let r = cancelled_or(
+    let r = run(
+        json,
         sig,
-        result,
+        "put",
+        |cb, cancel| s.put(&a.file, a.offset, Some(cb), Some(cancel)),
         &format!("put of {} to {url}", a.file.display()),
         &format!("nothing was committed, the objects it had uploaded were deleted and {url} was left as it was"),
     )?;
@@ -72,15 +68,11 @@ pub fn cmd_get(a: GetArgs, json: bool, sig: &Interrupts) -> Result<Value, CliErr
     }
     let url = a.url.display();
     let s: Store = store::connect(&a.url, store::options(Some(a.channels), &a.store, None))?;
-    let armed = sig.arm();
-    let cancel = armed.cancel();
-    let result = transfer(json, "get", sig, |cb| {
-        s.get(&a.output, Some(cb), Some(&cancel))
-    });
-    drop(armed);
-    let r = cancelled_or(
+    let r = run(
+        json,
         sig,
-        result,
+        "get",
+        |cb, cancel| s.get(&a.output, Some(cb), Some(cancel)),
         &format!("get of {url}"),
         &format!(
             "the temporary file was removed and {} was left as it was",
@@ -104,49 +96,25 @@ pub fn cmd_get(a: GetArgs, json: bool, sig: &Interrupts) -> Result<Value, CliErr
     Ok(transfer_json("get", &r, a.channels))
 }
 
-/// Runs `op` with a progress bar (`what`) and the signal test hook.
-fn transfer(
+/// Runs the transfer `op` (`what`: `put` or `get`) with a progress bar and the signal
+/// handling of a cancellable operation: a signal cancels it, and the error then says what
+/// the cancellation `left` of the `described` transfer.
+fn run(
     json: bool,
-    what: &str,
     sig: &Interrupts,
-    op: impl FnOnce(
-        &mut dyn FnMut(Progress),
-    ) -> Result<TransferReport, mapped_ram_linux::store::StoreError>,
-) -> Result<TransferReport, CliError> {
-    let bar = progress_bar(json, what);
-    let mut hook = sig.test_hook();
-    let mut cb = |p: Progress| {
-        hook();
-        if let Some(b) = &bar {
-            b.set_length(p.total);
-            b.set_position(p.done);
-        }
-    };
-    let result = op(&mut cb);
-    if let Some(b) = bar {
-        b.finish_and_clear();
-    }
-    Ok(result?)
-}
-
-/// The result of a transfer; after a signal, its error with exit status 128 + signal, saying
-/// what the cancellation `left`.
-fn cancelled_or(
-    sig: &Interrupts,
-    result: Result<TransferReport, CliError>,
     what: &str,
+    op: impl FnOnce(&mut dyn FnMut(Progress), &Cancel) -> Result<TransferReport, StoreError>,
+    described: &str,
     left: &str,
 ) -> Result<TransferReport, CliError> {
-    match (result, sig.received()) {
-        (Err(e), Some(signal)) => {
-            Err(sig.cancelled(signal, what, format!("{}; {left}", e.message)))
-        }
-        (Ok(r), Some(_)) => {
-            eprintln!("note: the signal arrived after the {what} was complete");
-            Ok(r)
-        }
-        (r, None) => r,
-    }
+    let armed = sig.arm();
+    let cancel = armed.cancel();
+    let result = with_progress(json, what, sig, |cb| op(cb, &cancel)).map_err(|e| CliError {
+        cancelled: matches!(e, StoreError::Cancelled { .. }),
+        ..CliError::from(e)
+    });
+    drop(armed);
+    sig.outcome(result, described, left)
 }
 
 fn mib(bytes: u64) -> f64 {
