@@ -1283,6 +1283,28 @@ pub struct SaveReport {
     pub elapsed: Duration,
 }
 
+impl SaveReport {
+    /// Content of each block of the saved guest, in QEMU's order: the main block is `image`
+    /// (what was passed to [`qemu_save`]), every other block what the harness captured from
+    /// the source QEMU (panics if it captured none, or a length other than the block's).
+    pub fn blocks_with<'a>(&'a self, image: &'a [u8]) -> Vec<(String, &'a [u8])> {
+        self.ram_blocks
+            .iter()
+            .map(|b| {
+                let data: &[u8] = if b.name == MAIN_RAM_BLOCK {
+                    image
+                } else {
+                    self.block_contents
+                        .get(&b.name)
+                        .unwrap_or_else(|| panic!("no captured contents for block {}", b.name))
+                };
+                assert_eq!(data.len() as u64, b.used, "captured length of {}", b.name);
+                (b.name.clone(), data)
+            })
+            .collect()
+    }
+}
+
 /// Options of [`qemu_load`].
 #[derive(Clone, Debug)]
 pub struct LoadOpts {

@@ -92,3 +92,28 @@ pub fn reserve_huge_pages(test: &str, n: u64) -> Option<HugeReservation> {
     }
     Some(guard)
 }
+
+/// Whether userfaultfd restores work here: a 1 MiB snapshot saved in `dir` and restored with
+/// [`mapped_ram_linux::restore_uffd`]. If not, [`cannot_run`] for `test` (which fails the test
+/// unless skipping is allowed) and `false`.
+pub fn uffd_available(test: &str, dir: &Path) -> bool {
+    use mapped_ram_linux::{restore_uffd, save, SaveOptions, SaveRegion, UffdOptions};
+    let path = dir.join("uffd-probe.mr");
+    let ram = vec![1u8; 1 << 20];
+    let region = [SaveRegion {
+        name: "pc.ram",
+        memory: &ram,
+        page_size: 4096,
+    }];
+    save(&path, &region, &SaveOptions::default(), None)
+        .unwrap_or_else(|e| panic!("saving the userfaultfd probe {}: {e}", path.display()));
+    let ok = match restore_uffd(&path, &[], &UffdOptions::default()) {
+        Ok(_) => true,
+        Err(e) => {
+            cannot_run(test, &format!("userfaultfd unavailable: {e}"));
+            false
+        }
+    };
+    let _ = std::fs::remove_file(&path);
+    ok
+}

@@ -70,27 +70,6 @@ fn assert_same(what: &str, expected: &[u8], got: &[u8]) {
     }
 }
 
-/// Expected content of each block of a QEMU-saved guest: the main block is the image, every
-/// other block what the harness captured from the source QEMU.
-fn expected_blocks<'a>(saved: &'a SaveReport, image: &'a [u8]) -> Vec<(String, &'a [u8])> {
-    saved
-        .ram_blocks
-        .iter()
-        .map(|b| {
-            let data: &[u8] = if b.name == MAIN_RAM_BLOCK {
-                image
-            } else {
-                saved
-                    .block_contents
-                    .get(&b.name)
-                    .unwrap_or_else(|| panic!("no captured contents for block {}", b.name))
-            };
-            assert_eq!(data.len() as u64, b.used, "captured length of {}", b.name);
-            (b.name.clone(), data)
-        })
-        .collect()
-}
-
 /// A restore destination: page-aligned (O_DIRECT can read straight into it) or deliberately
 /// misaligned by 8 bytes (our restore must bounce through an aligned buffer).
 struct Dest {
@@ -231,7 +210,7 @@ fn check_decoder_on_qemu_file(
     assert!(tail == file[dso..], "{what}: read_device_state");
 
     // Stored pages: count the set bits of the raw bitmap bytes, independently of the core.
-    let expected = expected_blocks(saved, image);
+    let expected = saved.blocks_with(image);
     for ((name, len, layout), block) in records.iter().zip(&info.blocks) {
         let pages = len / PS;
         assert_eq!(len % PS, 0);
@@ -340,7 +319,7 @@ fn qemu_to_us(c: QemuToUs) {
     let saved = qemu_save(&cfg, &image, &so).unwrap_or_else(|e| panic!("{}: {e}", c.name));
     check_decoder_on_qemu_file(c.name, &saved, &image, c.machine, &version);
 
-    let expected = expected_blocks(&saved, &image);
+    let expected = saved.blocks_with(&image);
     let fill = if c.memory_is_zeroed { 0 } else { 0xAA };
     let mut dests: Vec<Dest> = expected
         .iter()
@@ -576,7 +555,7 @@ fn us_to_qemu(c: UsToQemu) {
     if c.offset.is_some() {
         std::fs::write(&ours, &prefix).unwrap();
     }
-    let blocks = expected_blocks(&saved, &image_b);
+    let blocks = saved.blocks_with(&image_b);
     let regions: Vec<SaveRegion<'_>> = blocks
         .iter()
         .map(|(name, data)| SaveRegion {

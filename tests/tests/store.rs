@@ -11,6 +11,7 @@
 //! `MAPPED_RAM_ALLOW_SKIP` names `store`).
 
 use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -19,12 +20,12 @@ use std::time::{Duration, Instant};
 use mapped_ram_linux::fault::{self, Fault, FaultKind};
 use mapped_ram_linux::store::{Store, StoreError, StoreOptions};
 use mapped_ram_linux::{
-    inspect, read_device_state, restore_uffd, save, IoFailure, Op, RestoreOptions, RestoreRegion,
-    SaveOptions, SaveRegion, UffdOptions,
+    inspect, read_device_state, save, IoFailure, Op, RestoreOptions, RestoreRegion, SaveOptions,
+    SaveRegion, UffdOptions,
 };
-use mapped_ram_tests::image::pattern_image;
+use mapped_ram_tests::image::{first_differing_page, pattern_image, PAGE_SIZE};
 use mapped_ram_tests::rgw::{self, unique_bucket, Gateway};
-use mapped_ram_tests::support::{cannot_run, cli_binary, scratch_dir};
+use mapped_ram_tests::support::{cannot_run, cli_binary, scratch_dir, uffd_available};
 
 const PS: u64 = 4096;
 const MIB: usize = 1 << 20;
@@ -98,15 +99,24 @@ fn store_restore(store: &Store, len: usize) -> Result<Vec<u8>, StoreError> {
     Ok(back)
 }
 
-/// The first page where `a` and `b` differ, for a short failure message.
+/// Fails naming the first page where `got` differs from `want` (a short failure message).
 fn assert_same(what: &str, want: &[u8], got: &[u8]) {
     assert_eq!(want.len(), got.len(), "{what}: length");
-    if let Some(p) = (0..want.len().div_ceil(PS as usize)).find(|&p| {
-        let s = p * PS as usize..((p + 1) * PS as usize).min(want.len());
-        want[s.clone()] != got[s]
-    }) {
-        panic!("{what}: page {p} (offset {:#x}) differs", p * PS as usize);
+    if let Some(p) = first_differing_page(want, got) {
+        panic!("{what}: page {p} (offset {:#x}) differs", p * PAGE_SIZE);
     }
+}
+
+/// The `mapped-ram` binary, or `None` after [`cannot_run`].
+fn cli() -> Option<PathBuf> {
+    let bin = cli_binary();
+    if bin.is_none() {
+        cannot_run(
+            "store",
+            "the mapped-ram binary is not built (cargo build first)",
+        );
+    }
+    bin
 }
 
 /// The generations under `key`'s objects prefix, with their object counts.
@@ -462,22 +472,6 @@ fn failed_restore_names_the_object() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-fn uffd_available() -> bool {
-    let dir = scratch_dir(env!("CARGO_TARGET_TMPDIR"), "store-uffd-probe");
-    let path = dir.join("probe.mr");
-    let ram = vec![1u8; MIB];
-    save(&path, &region(&ram), &SaveOptions::default(), None).unwrap();
-    let ok = match restore_uffd(&path, &[], &UffdOptions::default()) {
-        Ok(_) => true,
-        Err(e) => {
-            cannot_run("store", &format!("userfaultfd unavailable: {e}"));
-            false
-        }
-    };
-    std::fs::remove_dir_all(&dir).unwrap();
-    ok
-}
-
 /// The userfaultfd restore from the store: faults are answered by ranged GETs before the
 /// memory crossed the network; the recorded working set is stored with the snapshot and a
 /// later restore prefetches everything; the memory is the saved guest's.
@@ -485,7 +479,8 @@ fn uffd_available() -> bool {
 fn lazy_restore_from_the_store() {
     let _serial = fault::serial();
     let Some(gw) = gateway() else { return };
-    if !uffd_available() {
+    let probe = scratch_dir(env!("CARGO_TARGET_TMPDIR"), "store-uffd-probe");
+    if !uffd_available("store", &probe) {
         return;
     }
     let b = bucket(gw, "lazy");
@@ -628,13 +623,7 @@ fn concurrent_save_conflicts() {
 fn killed_cli_save_leaves_the_previous_snapshot() {
     let _serial = fault::serial();
     let Some(gw) = gateway() else { return };
-    let Some(cli) = cli_binary() else {
-        cannot_run(
-            "store",
-            "the mapped-ram binary is not built (cargo build first)",
-        );
-        return;
-    };
+    let Some(cli) = cli() else { return };
     let b = bucket(gw, "killcli");
     let dir = scratch_dir(env!("CARGO_TARGET_TMPDIR"), "store-killcli");
     let ram_a = pattern_image(4 * MIB, 21, 0.1, false);
@@ -862,18 +851,7 @@ fn qemu_files_through_the_store() {
     let info = inspect(&theirs, 0).unwrap();
     let device_state = read_device_state(&theirs, 0).unwrap();
     let image_b = pattern_image(size, 42, 0.4, true);
-    let blocks: Vec<(String, Vec<u8>)> = saved
-        .ram_blocks
-        .iter()
-        .map(|blk| {
-            let data = if blk.name == MAIN_RAM_BLOCK {
-                image_b.clone()
-            } else {
-                saved.block_contents[&blk.name].clone()
-            };
-            (blk.name.clone(), data)
-        })
-        .collect();
+    let blocks = saved.blocks_with(&image_b);
     let regions: Vec<SaveRegion<'_>> = blocks
         .iter()
         .map(|(name, data)| SaveRegion {
@@ -914,13 +892,7 @@ fn qemu_files_through_the_store() {
 fn cli_round_trip_and_cancelled_transfers() {
     let _serial = fault::serial();
     let Some(gw) = gateway() else { return };
-    let Some(cli) = cli_binary() else {
-        cannot_run(
-            "store",
-            "the mapped-ram binary is not built (cargo build first)",
-        );
-        return;
-    };
+    let Some(cli) = cli() else { return };
     let b = bucket(gw, "cli");
     let dir = scratch_dir(env!("CARGO_TARGET_TMPDIR"), "store-cli");
     let ram = pattern_image(16 * MIB, 51, 0.3, true);

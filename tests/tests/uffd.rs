@@ -15,7 +15,7 @@ use mapped_ram_linux::{
     UffdRestore, WorkingSet,
 };
 use mapped_ram_tests::image::pattern_image;
-use mapped_ram_tests::support::{cannot_run, reserve_huge_pages};
+use mapped_ram_tests::support::{self, cannot_run, reserve_huge_pages};
 
 const PS: u64 = 4096;
 
@@ -58,27 +58,7 @@ fn slice(r: &UffdRestore) -> &[u8] {
 }
 
 fn uffd_available(test: &str) -> bool {
-    let dir = disk_dir("uffd-probe");
-    let path = dir.join("probe.mr");
-    let ram = vec![1u8; 1 << 20];
-    save(
-        &path,
-        &[SaveRegion {
-            name: "pc.ram",
-            memory: &ram,
-            page_size: PS,
-        }],
-        &SaveOptions::default(),
-        None,
-    )
-    .unwrap();
-    match restore_uffd(&path, &[], &UffdOptions::default()) {
-        Ok(_) => true,
-        Err(e) => {
-            cannot_run(test, &format!("userfaultfd unavailable: {e}"));
-            false
-        }
-    }
+    support::uffd_available(test, &disk_dir("uffd-probe"))
 }
 
 #[test]
